@@ -1,0 +1,142 @@
+"""unipeft: parameter-efficient fine-tuning across modalities, one delta-module abstraction.
+
+The public API::
+
+    model = unipeft.apply(backbone, "lora", r=4, targets=["attn.q", "attn.v"])
+    model.save("out/")
+    model = unipeft.load(fresh_backbone, "out/")
+    unipeft.list_methods()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from ._plugins import PluginFailure, Registry, registry, reset_registry
+from ._targets import all_sites, pick_map, resolve_targets
+from .config import DeltaConfig
+from .delta import (
+    AdditiveDelta,
+    DeltaModule,
+    Gate,
+    HybridDelta,
+    MixtureOfExpertsDelta,
+    ProjectionShape,
+    ReparameterizedDelta,
+    ScalarGate,
+    SelectiveDelta,
+)
+from .errors import (
+    AdapterError,
+    ConfigError,
+    LoadError,
+    MergeError,
+    PluginError,
+    TargetError,
+    UnipeftError,
+)
+from .hookspecs import hookimpl
+from .model import Adapter, DeltaModel
+from .registry import Method
+from .sites import ModuleSite, SequenceSite, Site
+
+
+def apply(
+    backbone: nn.Module,
+    method: str,
+    *,
+    targets: list[str] | str | None = None,
+    adapter_name: str = "default",
+    **config: Any,
+) -> DeltaModel:
+    """Attach ``method`` to ``backbone`` and return a :class:`DeltaModel`.
+
+    ``targets`` are semantic roles (``"attn.q"``, ``"mlp.down[0:4]"``, ``"text/attn.v"``) or
+    module-name regexes; ``None`` uses the method's defaults. ``config`` holds the method's
+    fields (see ``list_methods()``). The backbone is frozen; only the delta is trainable.
+    On any error the backbone is left exactly as it was.
+    """
+    model = DeltaModel(backbone)
+    model.add_adapter(adapter_name, method, targets=targets, **config)
+    return model
+
+
+def load(backbone: nn.Module, directory: str) -> DeltaModel:
+    """Restore adapters written by :meth:`DeltaModel.save` onto ``backbone``."""
+    from ._io import load_adapters
+
+    return load_adapters(backbone, directory)
+
+
+def list_methods() -> list[Method]:
+    """Every registered method (built-in and from plugins), sorted by family then id."""
+    from .delta import FAMILIES
+
+    methods = registry().methods.values()
+    return sorted(methods, key=lambda m: (FAMILIES.index(m.family), m.id))
+
+
+def get_method(method_id: str) -> Method:
+    return registry().method(method_id)
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The pluggy plugin manager holding every loaded plugin."""
+    pm = registry().manager
+    assert pm is not None
+    return pm
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins that failed to import or raised in a hook (the others keep working)."""
+    return list(registry().failures)
+
+
+def inspect_sites(backbone: nn.Module) -> list[Site]:
+    """Every site of ``backbone``: the structure map's role sites, then generic ones."""
+    return all_sites(backbone, pick_map(backbone, registry().sorted_maps()))
+
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "AdditiveDelta",
+    "ConfigError",
+    "DeltaConfig",
+    "DeltaModel",
+    "DeltaModule",
+    "Gate",
+    "HybridDelta",
+    "LoadError",
+    "MergeError",
+    "Method",
+    "MixtureOfExpertsDelta",
+    "ModuleSite",
+    "PluginError",
+    "PluginFailure",
+    "ProjectionShape",
+    "Registry",
+    "ReparameterizedDelta",
+    "ScalarGate",
+    "SelectiveDelta",
+    "SequenceSite",
+    "Site",
+    "TargetError",
+    "UnipeftError",
+    "__version__",
+    "apply",
+    "get_method",
+    "hookimpl",
+    "inspect_sites",
+    "list_methods",
+    "load",
+    "plugin_failures",
+    "plugin_manager",
+    "reset_registry",
+    "resolve_targets",
+]

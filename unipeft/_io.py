@@ -1,0 +1,170 @@
+"""Saving and loading adapters: safetensors for tensors, JSON for everything else.
+
+Loading never executes code from a file. Tensor keys are
+``<adapter>::<site name>::<method id>.<parameter>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from ._plugins import registry
+from ._targets import all_sites, pick_map
+from .errors import LoadError
+
+if TYPE_CHECKING:
+    from .model import DeltaModel
+
+CONFIG_FILE = "unipeft_adapters.json"
+WEIGHTS_FILE = "unipeft_adapters.safetensors"
+FORMAT_VERSION = 1
+
+
+def tensor_key(adapter: str, site_name: str, method_id: str, param: str) -> str:
+    return f"{adapter}::{site_name}::{method_id}.{param}"
+
+
+def save_adapters(
+    model: DeltaModel, directory: str | os.PathLike, names: Sequence[str] | None
+) -> None:
+    from .model import site_key
+
+    names = list(names) if names is not None else list(model.adapters)
+    if not names:
+        raise LoadError("there is no adapter to save")
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name in names:
+        adapter = model._adapter(name)
+        sites: dict[str, dict[str, list[int]]] = {}
+        for site in adapter.sites:
+            delta = model.deltas[name][site_key(site)]
+            shapes = {}
+            for pname, tensor in delta.state_dict().items():
+                key = tensor_key(name, site.name, adapter.method.id, pname)
+                tensors[key] = tensor.detach().to("cpu").contiguous()
+                shapes[pname] = list(tensor.shape)
+            sites[site.name] = shapes
+        meta[name] = {
+            "method": adapter.method.id,
+            "method_distribution": adapter.method.distribution,
+            "config": adapter.config.model_dump(mode="json"),
+            "targets": adapter.targets,
+            "sites": sites,
+        }
+    doc = {
+        "format": "unipeft",
+        "format_version": FORMAT_VERSION,
+        "unipeft_version": __version__,
+        "backbone": type(model.base_model).__name__,
+        "structure_map": model.structure_map,
+        "active": [a for a in model.active_adapters if a in names],
+        "adapters": meta,
+    }
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    # write next to the destination, then rename: a crash leaves the old files intact
+    with tempfile.TemporaryDirectory(dir=target, prefix=".unipeft-tmp-") as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "unipeft"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, sort_keys=True)
+        os.replace(os.path.join(tmp, WEIGHTS_FILE), target / WEIGHTS_FILE)
+        os.replace(os.path.join(tmp, CONFIG_FILE), target / CONFIG_FILE)
+
+
+def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise LoadError(f"{p} does not exist; is {d} a directory written by DeltaModel.save()?")
+    try:
+        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != "unipeft"
+        or not isinstance(doc.get("adapters"), dict)
+    ):
+        raise LoadError(f"{cfg_path} is not a unipeft adapter config")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise LoadError(
+            f"{cfg_path} has format version {doc['format_version']}; this unipeft "
+            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade unipeft"
+        )
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(
+            f"{w_path} is not a readable safetensors file ({exc}); it may be truncated"
+        ) from None
+    return doc, tensors
+
+
+def load_adapters(backbone: nn.Module, directory: str | os.PathLike) -> DeltaModel:
+    from .model import DeltaModel, site_key
+
+    doc, tensors = read_saved(directory)
+    reg = registry()
+    smap = pick_map(backbone, reg.sorted_maps())
+    by_name = {s.name: s for s in all_sites(backbone, smap)}
+
+    plans = []
+    for name, meta in doc["adapters"].items():
+        spec = reg.method(meta["method"])
+        cfg = spec.config.parse(spec.id, meta.get("config", {}))
+        sites = []
+        for site_name, shapes in meta["sites"].items():
+            site = by_name.get(site_name)
+            if site is None:
+                raise LoadError(
+                    f"adapter {name!r} was saved for a backbone with a site {site_name!r}, which "
+                    f"this {type(backbone).__name__} does not have: it was saved for a "
+                    f"different architecture ({doc.get('backbone')})"
+                )
+            delta = spec.build(cfg, site)
+            for pname, tensor in delta.state_dict().items():
+                key = tensor_key(name, site_name, spec.id, pname)
+                if key not in tensors:
+                    raise LoadError(f"{WEIGHTS_FILE} lacks tensor {key!r}; the file is incomplete")
+                if tuple(tensors[key].shape) != tuple(tensor.shape):
+                    raise LoadError(
+                        f"adapter {name!r} at site {site_name!r}: saved {pname} has shape "
+                        f"{tuple(tensors[key].shape)} but this backbone needs "
+                        f"{tuple(tensor.shape)}; it was saved for a backbone of another shape"
+                    )
+            sites.append(site)
+        plans.append((name, spec, cfg, meta.get("targets"), sites))
+
+    model = DeltaModel(backbone)
+    model._structure_map = smap.name
+    try:
+        for name, spec, cfg, targets, sites in plans:
+            model._attach(name, spec, cfg, targets, sites=sites)
+            for site in sites:
+                delta = model.deltas[name][site_key(site)]
+                state = {
+                    pname: tensors[tensor_key(name, site.name, spec.id, pname)]
+                    for pname in delta.state_dict()
+                }
+                delta.load_state_dict(state, strict=True)
+        active = [a for a in doc.get("active", []) if a in model.adapters]
+        if active:
+            model.set_active(active)
+    except BaseException:
+        if model.adapters:
+            model.unload()
+        raise
+    return model

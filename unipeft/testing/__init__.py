@@ -1,0 +1,1 @@
+"""Conformance kit (see unipeft.testing docs)."""
