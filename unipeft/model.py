@@ -63,6 +63,7 @@ class DeltaModel(nn.Module):
                 "that handle's add_adapter(), or unload() it first"
             )
         super().__init__()
+        self.training = backbone.training  # the handle starts in the backbone's mode
         self.base_model = backbone
         self.deltas = nn.ModuleDict()
         self._registry = _registry or registry()
@@ -177,6 +178,7 @@ class DeltaModel(nn.Module):
             built[site_key(site)] = delta.to(device=ref.device, dtype=ref.dtype)
         for delta in built.values():
             delta.requires_grad_(True)
+            delta.train(self.training)
 
         # -- mutation starts here; undo everything on failure
         first = self._requires_grad is None

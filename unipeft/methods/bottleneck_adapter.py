@@ -27,7 +27,7 @@ class BottleneckAdapterConfig(DeltaConfig):
     activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="nonlinearity")
     scaling: float = Field(1.0, gt=0, le=100, description="factor on the adapter's output")
     init_std: float = Field(
-        0.01, ge=0, le=1, description="std of the down projection; up starts at zero (identity)"
+        0.01, gt=0, le=1, description="std of the down projection; up starts at zero (identity)"
     )
 
 

@@ -17,7 +17,7 @@ from .lora import LoraDelta
 
 
 class MoELoraConfig(DeltaConfig):
-    num_experts: int = Field(4, ge=1, le=256, description="LoRA experts per projection")
+    num_experts: int = Field(4, ge=2, le=256, description="LoRA experts per projection")
     top_k: int | None = Field(
         None, ge=1, le=256, description="experts used per token (None: soft routing over all)"
     )

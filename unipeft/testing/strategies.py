@@ -1,0 +1,112 @@
+"""Hypothesis strategies drawn from a method's pydantic schema.
+
+Numbers are drawn inside the declared bounds but capped near their lower end, so tiny
+backbones stay tiny (a rank of 4000 is valid but tests nothing a rank of 5 does not).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+from hypothesis import assume
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from ..config import DeltaConfig
+from ..registry import Method
+
+INT_SPAN = 7
+FLOAT_SPAN = 4.0
+
+
+def _bounds(info: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for meta in info.metadata:
+        for attr in ("ge", "gt", "le", "lt"):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                out[attr] = value
+    return out
+
+
+def _int_strategy(b: dict[str, float]) -> st.SearchStrategy[int]:
+    lo = int(b["ge"]) if "ge" in b else int(b["gt"]) + 1 if "gt" in b else 0
+    hi = int(b["le"]) if "le" in b else int(b["lt"]) - 1 if "lt" in b else lo + INT_SPAN
+    return st.integers(lo, min(hi, lo + INT_SPAN))
+
+
+def _float_strategy(b: dict[str, float]) -> st.SearchStrategy[float]:
+    # exclusive lower bounds move up a little: a scale of 1e-300 is valid, and useless
+    lo = float(b["ge"]) if "ge" in b else float(b["gt"]) + 1e-3 if "gt" in b else 0.0
+    hi = float(b["le"]) if "le" in b else float(b["lt"]) if "lt" in b else lo + FLOAT_SPAN
+    hi = min(hi, lo + FLOAT_SPAN)
+    return st.floats(
+        lo,
+        hi,
+        exclude_max="lt" in b and hi == float(b["lt"]),
+        allow_nan=False,
+        allow_infinity=False,
+        allow_subnormal=False,
+    )
+
+
+def field_strategy(annotation: Any, info: Any) -> st.SearchStrategy[Any]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        strategies = [field_strategy(a, info) for a in inner]
+        if len(inner) < len(args):
+            strategies.append(st.none())
+        return st.one_of(*strategies)
+    if origin is Literal:
+        return st.sampled_from(args)
+    if annotation is bool:
+        return st.booleans()
+    if annotation is int:
+        return _int_strategy(_bounds(info))
+    if annotation is float:
+        return _float_strategy(_bounds(info))
+    if annotation is str:
+        return st.text(min_size=1, max_size=8)
+    raise TypeError(
+        f"no strategy for field type {annotation!r}; give the field a simpler type or pass "
+        "your own strategy to the conformance kit"
+    )
+
+
+@st.composite
+def configs(draw: st.DrawFn, method: Method) -> DeltaConfig:
+    """A valid config of ``method``, every field drawn from its schema."""
+    cls = method.config
+    values = {
+        name: draw(field_strategy(info.annotation, info)) for name, info in cls.model_fields.items()
+    }
+    try:
+        return cls.model_validate(values)
+    except ValidationError:
+        assume(False)  # a cross-field rule (e.g. top_k <= num_experts) refused the draw
+        raise  # pragma: no cover
+
+
+def invalid_values(method: Method) -> list[tuple[str, Any]]:
+    """``(field, value)`` pairs outside a field's declared bounds or choices."""
+    out: list[tuple[str, Any]] = []
+    for name, info in method.config.model_fields.items():
+        ann = info.annotation
+        if typing.get_origin(ann) is Literal:
+            out.append((name, "__not_a_choice__"))
+            continue
+        b = _bounds(info)
+        if ann in (int, float):
+            if "ge" in b:
+                out.append((name, b["ge"] - 1))
+            elif "gt" in b:
+                out.append((name, b["gt"]))
+            if "le" in b:
+                out.append((name, b["le"] + 1))
+            elif "lt" in b:
+                out.append((name, b["lt"]))
+    return out
