@@ -126,7 +126,7 @@ def load_adapters(backbone: nn.Module, directory: str | os.PathLike) -> DeltaMod
         spec = reg.method(meta["method"])
         cfg = spec.config.parse(spec.id, meta.get("config", {}))
         sites = []
-        for site_name, shapes in meta["sites"].items():
+        for site_name, _shapes in meta["sites"].items():
             site = by_name.get(site_name)
             if site is None:
                 raise LoadError(

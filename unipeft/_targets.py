@@ -46,21 +46,19 @@ class RoleTarget:
             if ":" in sel:
                 parts = [int(p) if p.strip() else None for p in sel.split(":")]
                 return set(range(n_layers)[slice(*parts)])
-            picked = set()
-            for p in sel.split(","):
-                i = int(p)
-                if not -n_layers <= i < n_layers:
-                    raise TargetError(
-                        f"target {self.text!r}: layer {i} is out of range; this stack has "
-                        f"{n_layers} layers (0..{n_layers - 1})"
-                    )
-                picked.add(i % n_layers)
-            return picked
+            picked = [int(p) for p in sel.split(",")]
         except ValueError:
             raise TargetError(
                 f"target {self.text!r}: layer selector [{sel}] must be a slice like [0:4] or "
                 "a list like [0,2,-1]"
             ) from None
+        for i in picked:
+            if not -n_layers <= i < n_layers:
+                raise TargetError(
+                    f"target {self.text!r}: layer {i} is out of range; this stack has "
+                    f"{n_layers} layers (0..{n_layers - 1})"
+                )
+        return {i % n_layers for i in picked}
 
 
 @dataclass(frozen=True)
@@ -152,9 +150,10 @@ def resolve_targets(
             if not target.optional:
                 required.add(site.name)
     if not chosen:
+        roles = describe_roles(map_sites or smap.sites(model))
         raise TargetError(
             f"targets {list(targets)} match nothing on {type(model).__name__} (map "
-            f"{smap.name!r}); roles on this backbone: {describe_roles(map_sites or smap.sites(model))}"
+            f"{smap.name!r}); roles on this backbone: {roles}"
         )
     optional_only = {s.name for s in chosen.values()} - required
     return smap, list(chosen.values()), optional_only

@@ -35,7 +35,7 @@ def run_one(name: str, steps: int, seed: int) -> dict[str, object]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     start = time.perf_counter()
     losses = []
-    for step in range(steps):
+    for _step in range(steps):
         loss = torch.nn.functional.mse_loss(bb.run(model, bb.sample(0)), target)
         opt.zero_grad()
         loss.backward()

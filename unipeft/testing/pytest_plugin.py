@@ -93,8 +93,22 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("--unipeft-profile")
     if profile:
         _PROFILE["name"] = profile
-    if _split(config.getoption("--unipeft-conformance")):
+    wanted = _split(config.getoption("--unipeft-conformance"))
+    if wanted:
+        _check_methods(wanted)
         config.args.append(str(SUITE))
+
+
+def _check_methods(wanted: list[str]) -> None:
+    import unipeft
+
+    known = {m.id for m in unipeft.list_methods()}
+    unknown = [w for w in wanted if w not in known and w != "all"]
+    if unknown:
+        raise pytest.UsageError(
+            f"--unipeft-conformance: unknown method(s) {unknown}; registered: "
+            f"{', '.join(sorted(known))}. Is the plugin's distribution installed?"
+        )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -106,13 +120,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wanted = _split(config.getoption("--unipeft-conformance"))
     methods = unipeft.list_methods()
     if wanted and "all" not in wanted:
-        known = {m.id for m in methods}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise pytest.UsageError(
-                f"--unipeft-conformance: unknown method(s) {unknown}; registered: "
-                f"{', '.join(sorted(known))}. Is the plugin's distribution installed?"
-            )
+        _check_methods(wanted)
         methods = [m for m in methods if m.id in wanted]
     names = _split(config.getoption("--unipeft-backbones")) or list(BACKBONES)
     unknown_bb = [n for n in names if n not in BACKBONES]

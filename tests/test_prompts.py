@@ -1,0 +1,68 @@
+"""Soft prompts: mask handling on text, VPT placement on vision, causality on CLIP text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unipeft
+from unipeft.testing.backbones import BACKBONES
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_padding_is_masked_and_prompts_are_attended(name: str) -> None:
+    """A padded sequence gives the same outputs on its real tokens as the unpadded one."""
+    bb = BACKBONES[name]
+    model = unipeft.apply(bb.make(), "prompt_tuning", num_tokens=3)
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        alone = model(input_ids=ids).last_hidden_state
+        both = model(input_ids=padded, attention_mask=mask).last_hidden_state
+        with model.disable():
+            plain = model(input_ids=ids).last_hidden_state
+    assert alone.shape == (1, 5, 32) and both.shape == (1, 7, 32)
+    torch.testing.assert_close(both[:, :5], alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(alone, plain), "the prompts had no effect"
+
+
+def test_inputs_embeds_also_get_prompts() -> None:
+    bb = BACKBONES["bert"]
+    model = unipeft.apply(bb.make(), "prompt_tuning", num_tokens=2)
+    ids = torch.randint(1, 100, (2, 4))
+    with torch.no_grad():
+        from_ids = model(input_ids=ids).last_hidden_state
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model(inputs_embeds=embeds).last_hidden_state
+    torch.testing.assert_close(from_ids, from_embeds)
+
+
+def test_vpt_prompts_go_after_the_class_token() -> None:
+    bb = BACKBONES["timm_vit"]
+    model = unipeft.apply(bb.make(), "prompt_tuning", num_tokens=4)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    prompt = model.deltas["default"]["tokens"].prompt
+    with torch.no_grad():
+        feats = model.forward_features(bb.sample(0)["pixels"])
+    assert feats.shape == (2, 1 + 16, 32)  # prompts stripped again
+    assert seen[0].shape == (2, 1 + 4 + 16, 32)
+    assert torch.equal(seen[0][0, 1:5], prompt)
+
+
+def test_clip_text_prompts_keep_causality() -> None:
+    bb = BACKBONES["open_clip"]
+    model = unipeft.apply(bb.make(), "prompt_tuning", num_tokens=3, targets=["text/tokens"])
+    grabbed = []
+    model.transformer.register_forward_hook(lambda m, a, out: grabbed.append(out))
+    text = torch.randint(1, 100, (1, 12), generator=torch.Generator().manual_seed(1))
+    changed = text.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 100
+    with torch.no_grad():
+        model.encode_text(text)
+        model.encode_text(changed)
+    a, b = grabbed
+    assert a.shape == (1, 12, 32)
+    torch.testing.assert_close(a[0, :8], b[0, :8])  # earlier tokens cannot see later ones
+    assert not torch.allclose(a[0, 8:], b[0, 8:])
