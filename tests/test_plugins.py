@@ -202,3 +202,11 @@ def test_list_methods_describes_each_method() -> None:
     assert set(lora_info["fields"]) == {"r", "alpha", "dropout", "use_rslora", "init"}
     assert info["unipelt"]["identity_at_init"] == "depends on config"
     assert unipeft.plugin_manager().get_plugin("builtin") is not None
+
+
+def test_config_fields_must_be_described() -> None:
+    class Bare(DeltaConfig):
+        r: int = 4
+
+    with pytest.raises(ValueError, match=r"fields \['r'\] need a description"):
+        Method(**{**_method("x").__dict__, "config": Bare})

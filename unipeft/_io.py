@@ -21,7 +21,7 @@ from torch import nn
 from . import __version__
 from ._plugins import registry
 from ._targets import all_sites, pick_map
-from .errors import LoadError
+from .errors import AdapterError, LoadError
 
 if TYPE_CHECKING:
     from .model import DeltaModel
@@ -42,7 +42,7 @@ def save_adapters(
 
     names = list(names) if names is not None else list(model.adapters)
     if not names:
-        raise LoadError("there is no adapter to save")
+        raise AdapterError("there is no adapter to save; add_adapter() first")
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for name in names:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .config import DeltaConfig
 from .delta import FAMILIES, DeltaModule, Family
-from .sites import ModuleSite, SequenceSite, Site
+from .sites import SequenceSite, Site
 
 SiteKind = Literal["projection", "module", "sequence"]
 """``projection``: a module site with a weight (Linear, Conv, fused slices); ``module``: any
@@ -54,6 +54,12 @@ class Method:
             raise ValueError(f"method id {self.id!r} must be letters, digits, '_' or '-'")
         if not (isinstance(self.config, type) and issubclass(self.config, DeltaConfig)):
             raise TypeError(f"method {self.id!r}: config must be a DeltaConfig subclass")
+        undescribed = [n for n, f in self.config.model_fields.items() if not f.description]
+        if undescribed:
+            raise ValueError(
+                f"method {self.id!r}: config fields {undescribed} need a description "
+                "(pydantic.Field(description=...)); list_methods() and the docs show it"
+            )
 
     def targets_for(self, config: DeltaConfig) -> list[str]:
         t = self.default_targets
@@ -101,6 +107,3 @@ class Method:
             },
         }
 
-
-def is_module_site(site: Site) -> bool:
-    return isinstance(site, ModuleSite)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from torch import nn
@@ -271,8 +271,6 @@ class LayoutMap:
 
 
 def _with_name(site: ModuleSite, name: str) -> ModuleSite:
-    from dataclasses import replace
-
     return replace(site, name=name)
 
 
