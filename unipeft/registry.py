@@ -106,4 +106,3 @@ class Method:
                 for name, info in self.config.model_fields.items()
             },
         }
-
