@@ -210,3 +210,28 @@ def test_config_fields_must_be_described() -> None:
 
     with pytest.raises(ValueError, match=r"fields \['r'\] need a description"):
         Method(**{**_method("x").__dict__, "config": Bare})
+
+
+def test_register_plugin_in_process(fake_plugins) -> None:
+    import unipeft._plugins as plugins
+
+    mod = types.ModuleType("inproc")
+    mod.register_methods = _register_methods(_method("inproc_lora"))
+    try:
+        unipeft.register_plugin(mod)
+        info = unipeft.get_method("inproc_lora")
+        assert info.distribution == "<in-process>"
+        with pytest.raises(PluginError, match="already registered"):
+            unipeft.register_plugin(mod)
+    finally:
+        plugins._IN_PROCESS.clear()
+        unipeft.reset_registry()
+    with pytest.raises(PluginError, match="unknown method 'inproc_lora'"):
+        unipeft.get_method("inproc_lora")
+
+
+def test_explicit_empty_targets_is_an_error() -> None:
+    from unipeft.testing.backbones import BACKBONES
+
+    with pytest.raises(unipeft.TargetError, match="targets is empty"):
+        unipeft.apply(BACKBONES["bert"].make(), "lora", targets=[])

@@ -66,3 +66,49 @@ def test_clip_text_prompts_keep_causality() -> None:
     assert a.shape == (1, 12, 32)
     torch.testing.assert_close(a[0, :8], b[0, :8])  # earlier tokens cannot see later ones
     assert not torch.allclose(a[0, 8:], b[0, 8:])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_with_a_kv_cache_matches_uncached_decoding(arch: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        lm = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                vocab_size=100,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
+    else:
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                vocab_size=100,
+                max_position_embeddings=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
+    model = unipeft.apply(lm.eval(), "prompt_tuning", num_tokens=3, init_std=1.0)
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        current = ids
+        for _ in range(6):
+            logits = model(input_ids=current, use_cache=False).logits
+            assert logits.shape[1] == current.shape[1]  # soft tokens are stripped
+            logits[..., 0] = float("-inf")  # min_new_tokens forbids the eos token (0)
+            current = torch.cat([current, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, current)

@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 from torch import nn
 
-from ._plugins import PluginFailure, Registry, registry, reset_registry
+from ._plugins import PluginFailure, Registry, register_plugin, registry, reset_registry
 from ._targets import all_sites, pick_map, resolve_targets
 from .config import DeltaConfig
 from .delta import (
@@ -137,6 +137,7 @@ __all__ = [
     "load",
     "plugin_failures",
     "plugin_manager",
+    "register_plugin",
     "reset_registry",
     "resolve_targets",
 ]

@@ -445,44 +445,65 @@ class SequenceHost:
 
     def _hf_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         bound = _bind(module, args, kwargs)
-        cache = bound.get("past_key_values")
-        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        past = _cached_length(bound)
         embeds = bound.get("inputs_embeds")
         ids = bound.get("input_ids")
         if embeds is None and ids is None:
+            self._inserted.append(0)
             return args, kwargs
+        if past:
+            # a cached generation step: the cache already holds the soft tokens, so only the
+            # mask and positions account for them, and nothing is inserted or stripped
+            n_prompt = self._active_prompt_length()
+            self._inserted.append(0)
+            if not n_prompt:
+                return args, kwargs
+            mask = bound.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                bound["attention_mask"] = _insert_cols(mask, self.site.index, n_prompt, 1)
+            if bound.get("position_ids") is not None:
+                bound["position_ids"] = bound["position_ids"] + n_prompt
+            return (), bound
         if embeds is None:
             assert self.site.embedding is not None
             embeds = self.site.embedding(ids)
-        p = self.prompts(embeds.shape[0], embeds) if past == 0 else None
+        p = self.prompts(embeds.shape[0], embeds)
         n_prompt = 0 if p is None else p.shape[1]
-        if past:  # a cached generation step: the cache already holds the prompt positions
-            n_prompt_cached = sum(
-                a.delta.tokens(1).shape[1] for a in self.attachments if self.state.runs(a.adapter)
-            )
-            mask = bound.get("attention_mask")
-            if mask is not None and mask.dim() == 2 and n_prompt_cached:
-                ones = mask.new_ones(mask.shape[0], n_prompt_cached)
-                bound["attention_mask"] = torch.cat([ones, mask], dim=1)
-            self._inserted.append(0)
-            return (), bound
         self._inserted.append(n_prompt)
         if not n_prompt:
             return args, kwargs
-        if bound.get("position_ids") is not None:
-            raise ValueError(
-                "soft prompts shift positions; call the model without position_ids while a "
-                "prompt adapter is active"
-            )
         i = self.site.index
         bound["input_ids"] = None
         bound["inputs_embeds"] = torch.cat([embeds[:, :i], p, embeds[:, i:]], dim=1)
         for name, fill in (("attention_mask", 1), ("token_type_ids", 0)):
             t = bound.get(name)
             if t is not None and t.dim() == 2:
-                pad = t.new_full((t.shape[0], n_prompt), fill)
-                bound[name] = torch.cat([t[:, :i], pad, t[:, i:]], dim=1)
+                bound[name] = _insert_cols(t, i, n_prompt, fill)
+        pos = bound.get("position_ids")
+        if pos is not None:  # soft tokens take the positions from i on; later ones shift
+            start = pos[:, i : i + 1] if pos.shape[1] > i else pos[:, -1:] + 1
+            soft = start + torch.arange(n_prompt, device=pos.device)
+            bound["position_ids"] = torch.cat([pos[:, :i], soft, pos[:, i:] + n_prompt], dim=1)
         return (), bound
+
+    def _active_prompt_length(self) -> int:
+        return sum(
+            a.delta.tokens(1).shape[1] for a in self.attachments if self.state.runs(a.adapter)
+        )
+
+
+def _insert_cols(t: Tensor, index: int, n: int, fill: int) -> Tensor:
+    pad = t.new_full((t.shape[0], n), fill)
+    return torch.cat([t[:, :index], pad, t[:, index:]], dim=1)
+
+
+def _cached_length(bound: dict[str, Any]) -> int:
+    """Tokens already in a KV cache passed to a Hugging Face model (any argument name)."""
+    for name in ("cache", "past_key_values"):
+        cache = bound.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
 
 
 _SIGNATURES: dict[type, inspect.Signature] = {}

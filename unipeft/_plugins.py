@@ -176,13 +176,27 @@ def _builtin_module() -> Any:
 
 
 _REGISTRY: Registry | None = None
+_IN_PROCESS: list[tuple[str, Any, str]] = []
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register a plugin object (module or instance with hookimpls) without installing it.
+
+    For notebooks and tests; installed distributions use the ``unipeft`` entry point. The
+    registry is rebuilt on next use, so errors (e.g. a duplicate method id) surface then.
+    """
+    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    if any(n == name for n, _, _ in _IN_PROCESS):
+        raise PluginError(f"a plugin named {name!r} is already registered in this process")
+    _IN_PROCESS.append((name, plugin, "<in-process>"))
+    reset_registry()
 
 
 def registry() -> Registry:
     """The process-wide registry, built on first use."""
     global _REGISTRY
     if _REGISTRY is None:
-        _REGISTRY = build_registry()
+        _REGISTRY = build_registry(extra_plugins=list(_IN_PROCESS))
         for failure in _REGISTRY.failures:
             import warnings
 

@@ -48,6 +48,6 @@ def register_backbones(register: Callable[[StructureMap], None]) -> None:
     any object following :class:`unipeft.maps.StructureMap` (``name``, ``priority``,
     ``matches(model)``, ``sites(model)``); :class:`unipeft.maps.LayoutMap` describes most
     transformer families with data alone. When several maps match a backbone, the one with
-    the highest ``priority`` is used (built-ins use 0, the generic map -1000). Returns
-    nothing.
+    the highest ``priority`` is used (built-ins use 0 to 10, the generic map -1000).
+    Returns nothing.
     """

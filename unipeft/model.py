@@ -149,9 +149,10 @@ class DeltaModel(nn.Module):
     ) -> Adapter:
         from .errors import TargetError
 
-        target_list = (
-            [targets] if isinstance(targets, str) else list(targets or spec.targets_for(cfg))
-        )
+        if targets is None:
+            target_list = spec.targets_for(cfg)
+        else:
+            target_list = [targets] if isinstance(targets, str) else list(targets)
         optional: set[str] = set()
         if sites is None:
             smap, sites, optional = resolve_targets(

@@ -83,7 +83,7 @@ class Method:
         return replace(self, distribution=distribution)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-ready description (what ``unipeft list --json`` prints)."""
+        """A JSON-ready description of the method."""
         return {
             "id": self.id,
             "family": self.family,

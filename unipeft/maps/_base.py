@@ -266,12 +266,9 @@ class LayoutMap:
             if _get(block, rel) is not None:
                 out.append(_module_site(model, f"{bpath}.{rel}", "norm", layer, tower.name))
         block_site = _module_site(model, bpath, "block", layer, tower.name)
-        out.append(_with_name(block_site, f"{bpath}:block"))
+        width = widths.get("attn.out", 0) or widths.get("mlp.down", 0) or block_site.features
+        out.append(replace(block_site, name=f"{bpath}:block", features=width))
         return out
-
-
-def _with_name(site: ModuleSite, name: str) -> ModuleSite:
-    return replace(site, name=name)
 
 
 def _module_site(

@@ -53,8 +53,10 @@ def _count(cfg: BitFitConfig, site: Site) -> int:
 
 def _accepts(cfg: BitFitConfig, site: Site) -> str | None:
     assert isinstance(site, ModuleSite)
-    if site.entry is not None or site.features <= 0:
+    if site.entry is not None:
         return f"{site.name!r} is a sublayer path, not a module with a bias"
+    if site.features <= 0:
+        return f"the width of {site.name!r}'s output is unknown"
     has_bias = site.parameter("bias") is not None
     if site.weight is not None:
         if not has_bias and not cfg.include_missing:

@@ -261,4 +261,4 @@ INVARIANTS = {
     "config_json_roundtrip": config_json_roundtrip,
     "unload_restores": unload_restores,
 }
-"""The invariants of design.md in force now (1-6 and 9-11), by name."""
+"""Every invariant, by name (isolation and mixed batches join once adapters can mix)."""
