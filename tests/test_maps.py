@@ -8,6 +8,7 @@ from torch import nn
 
 import unipeft
 from unipeft import TargetError
+from unipeft.maps import ROLES
 from unipeft.testing.backbones import BACKBONES
 
 EXPECTED_MAPS = {
@@ -18,20 +19,7 @@ EXPECTED_MAPS = {
     "timm_vit": "timm-vit",
     "open_clip": "open_clip",
 }
-COMMON_ROLES = {
-    "attn.q",
-    "attn.k",
-    "attn.v",
-    "attn.out",
-    "mlp.up",
-    "mlp.down",
-    "norm",
-    "block",
-    "attn",
-    "mlp",
-    "tokens",
-    "embed",
-}
+COMMON_ROLES = set(ROLES) - {"mlp.gate"}  # only gated MLPs (Llama) have mlp.gate
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
