@@ -42,7 +42,8 @@ def test_apply_train_merge_save_load_unload(name: str, tmp_path: Path) -> None:
         trained = bb.run(model, bb.sample(0))
         model.merge()
         merged = bb.run(model, bb.sample(0))
-        model.merge()  # merging again is a no-op, not a double application
+        with pytest.warns(UserWarning, match="already merged"):
+            model.merge()  # merging again is a no-op, not a double application
         torch.testing.assert_close(bb.run(model, bb.sample(0)), merged, atol=0, rtol=0)
         model.unmerge()
         assert torch.equal(bb.run(model, bb.sample(0)), trained)

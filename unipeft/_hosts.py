@@ -9,12 +9,11 @@ parameters and its state dict are never replaced, so ``unload`` only removes hoo
   implementation that projects q/k/v with the fused ``in_proj_weight`` once, lets deltas act
   on each slice, and calls ``out_proj`` as a module (so its hooks run). The base weights are
   never modified on the forward pass.
-- :class:`SequenceHost`: inserts soft tokens into a token sequence and strips them again.
+- :class:`~unipeft._sequence.SequenceHost` (its own module): soft tokens in a sequence.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +28,54 @@ from .sites import ModuleSite, SequenceSite
 
 
 @dataclass
+class Routing:
+    """A mixed batch: which adapter each sample uses, grouped once per forward pass."""
+
+    names: tuple[str, ...]
+    groups: dict[str, Tensor]  # adapter -> indices of its samples (int64)
+    _slots: dict[tuple, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, names: tuple[str, ...], device: torch.device | None = None) -> Routing:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        return cls(names, {k: torch.tensor(v, device=device) for k, v in groups.items()})
+
+    def slots(self, adapters: tuple[str, ...], device: torch.device) -> Tensor:
+        """``(N,)``: the position in ``adapters`` of each sample's adapter; ``len(adapters)``
+        for samples whose adapter is not among them. Cached for the forward pass."""
+        key = (adapters, device)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = torch.full((len(self.names),), len(adapters), dtype=torch.int64)
+            for j, name in enumerate(adapters):
+                if name in self.groups:
+                    slot[self.groups[name].cpu()] = j
+            slot = self._slots[key] = slot.to(device)
+        return slot
+
+    def indices(self, adapter: str, device: torch.device) -> Tensor:
+        idx = self.groups[adapter]
+        if idx.device != device:
+            idx = self.groups[adapter] = idx.to(device)
+        return idx
+
+
+@dataclass
 class AdapterState:
-    """What the hooks read on every forward: which adapters run."""
+    """What the hooks read on every forward: which adapters run, on which samples."""
 
     active: tuple[str, ...] = ()
     enabled: bool = True
+    routing: Routing | None = None
 
     def runs(self, adapter: str) -> bool:
-        return self.enabled and adapter in self.active
+        if not self.enabled:
+            return False
+        if self.routing is not None:
+            return adapter in self.routing.groups
+        return adapter in self.active
 
 
 @dataclass(eq=False)
@@ -91,6 +130,7 @@ class ModuleHost:
         self._handles: list[RemovableHandle] = []
         self._entry_handles: dict[int, RemovableHandle] = {}
         self._captured: dict[int, Tensor | None] = {}
+        self._stack_cache: dict[str, Any] = {}  # batched deltas keep stacked weights here
 
     # --------------------------------------------------------------- bookkeeping
     def add(self, att: Attachment) -> None:
@@ -149,8 +189,43 @@ class ModuleHost:
         if sliced:
             dim = running[0].site.channel_dim
             y = self._apply_slices(sliced, x, y, dim)
-        for att in whole:
-            y = att.delta(self._input_for(att, x), y)
+        if whole:
+            y = self.run_group(whole, x, y)
+        return y
+
+    def run_group(self, atts: list[Attachment], x: Tensor | None, y: Tensor) -> Tensor:
+        """Apply ``atts`` (all on the same output slice) in turn, or per sample group in a
+        mixed batch: deltas that can batch (one kernel sequence for every adapter) do so,
+        the others run on their samples only."""
+        routing = self.state.routing
+        if routing is None:
+            for att in atts:
+                y = att.delta(self._input_for(att, x), y)
+            return y
+        if y.shape[0] != len(routing.names):
+            raise ValueError(
+                f"adapter_names has {len(routing.names)} entries but the batch at "
+                f"{atts[0].site.name!r} has {y.shape[0]} samples; give one name per sample"
+            )
+        batchable: dict[type, list[Attachment]] = {}
+        for att in atts:
+            if type(att.delta).mixed is not DeltaModule.mixed:  # the class batches
+                batchable.setdefault(type(att.delta), []).append(att)
+        done: set[int] = set()
+        for cls, group in batchable.items():
+            xin = self._input_for(group[0], x)
+            slots = routing.slots(tuple(a.adapter for a in group), y.device)
+            out = cls.mixed([a.delta for a in group], xin, y, slots, self._stack_cache)
+            if out is not None:
+                y = out
+                done.update(id(a) for a in group)
+        for att in atts:
+            if id(att) in done:
+                continue
+            idx = routing.indices(att.adapter, y.device)
+            xin = self._input_for(att, x)
+            xs = None if xin is None else xin.index_select(0, idx)
+            y = y.index_copy(0, idx, att.delta(xs, y.index_select(0, idx)))
         return y
 
     def _apply_slices(
@@ -163,9 +238,7 @@ class ModuleHost:
             if start > pos:
                 pieces.append(y.narrow(dim, pos, start - pos))
             part = y.narrow(dim, start, stop - start)
-            for att in sliced[(start, stop)]:
-                part = att.delta(self._input_for(att, x), part)
-            pieces.append(part)
+            pieces.append(self.run_group(sliced[(start, stop)], x, part))
             pos = stop
         if pos < total:
             pieces.append(y.narrow(dim, pos, total - pos))
@@ -298,8 +371,7 @@ class MHAHost:
                 for i, t in enumerate(inputs)
             ]
         for i, atts in by_slice.items():
-            for att in atts:
-                parts[i] = att.delta(inputs[i], parts[i])
+            parts[i] = self.projections.run_group(atts, inputs[i], parts[i])
         return parts[0], parts[1], parts[2]
 
 
@@ -330,220 +402,3 @@ def _merge_masks(
         kp = additive(key_padding_mask).view(n, 1, 1, lk)
         out = kp if out is None else out + kp
     return out
-
-
-class SequenceHost:
-    """Inserts the active adapters' soft tokens into one token sequence and strips them."""
-
-    def __init__(self, site: SequenceSite, state: AdapterState) -> None:
-        self.site = site
-        self.state = state
-        self.attachments: list[Attachment] = []
-        self._handles: list[RemovableHandle] = []
-        self._inserted: list[int] = []
-
-    @property
-    def empty(self) -> bool:
-        return not self.attachments
-
-    def add(self, att: Attachment) -> None:
-        self.attachments.append(att)
-        if not self._handles:
-            self._install()
-
-    def remove(self, att: Attachment) -> None:
-        self.attachments.remove(att)
-        if not self.attachments:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-
-    def prompts(self, batch: int, ref: Tensor) -> Tensor | None:
-        chunks = [
-            a.delta.tokens(batch).to(ref.dtype)
-            for a in self.attachments
-            if self.state.runs(a.adapter)
-        ]
-        return torch.cat(chunks, dim=1) if chunks else None
-
-    # ----------------------------------------------------------------- install
-    def _install(self) -> None:
-        s = self.site
-        if s.style == "container":
-            self._handles.append(
-                s.insert.register_forward_pre_hook(self._container_pre, with_kwargs=True)
-            )
-            self._handles.append(s.strip.register_forward_hook(self._strip_out))
-        elif s.style == "between":
-            self._handles.append(s.insert.register_forward_hook(self._insert_out))
-            if s.strip_output:
-                self._handles.append(s.strip.register_forward_hook(self._strip_out))
-            else:
-                self._handles.append(s.strip.register_forward_pre_hook(self._strip_in))
-        elif s.style == "hf_text":
-            self._handles.append(s.insert.register_forward_pre_hook(self._hf_pre, with_kwargs=True))
-            self._handles.append(s.strip.register_forward_hook(self._strip_out))
-        else:  # pragma: no cover - validated by SequenceSite's type
-            raise ValueError(s.style)
-
-    # ----------------------------------------------------------------- token surgery
-    def _insert(self, seq: Tensor, batch_first: bool = True) -> Tensor:
-        if not batch_first:
-            seq = seq.transpose(0, 1)
-        p = self.prompts(seq.shape[0], seq)
-        self._inserted.append(0 if p is None else p.shape[1])
-        if p is not None:
-            i = self.site.index
-            seq = torch.cat([seq[:, :i], p, seq[:, i:]], dim=1)
-        return seq if batch_first else seq.transpose(0, 1)
-
-    def _strip(self, seq: Tensor, p: int, batch_first: bool = True) -> Tensor:
-        if p == 0:
-            return seq
-        i = self.site.index
-        dim = 1 if batch_first else 0
-        rest = seq.shape[dim] - i - p
-        return torch.cat([seq.narrow(dim, 0, i), seq.narrow(dim, i + p, rest)], dim)
-
-    def _pop(self) -> int:
-        return self._inserted.pop() if self._inserted else 0
-
-    def _insert_out(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return self._insert(output)
-
-    def _strip_in(self, module: nn.Module, args: tuple) -> tuple:
-        return (self._strip(args[0], self._pop()), *args[1:])
-
-    def _strip_out(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        p = self._pop()
-        bf = self.site.batch_first or self.site.style != "container"
-        if isinstance(output, Tensor):
-            return self._strip(output, p, bf)
-        if hasattr(output, "keys"):  # ModelOutput: strip the sequence-shaped entries
-            if output.get("last_hidden_state") is not None:
-                output["last_hidden_state"] = self._strip(output["last_hidden_state"], p)
-            if output.get("hidden_states") is not None:
-                output["hidden_states"] = tuple(self._strip(h, p) for h in output["hidden_states"])
-            return output
-        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (self._strip(output[0], p, bf), *output[1:])
-        raise RuntimeError(f"cannot strip soft tokens from a {type(output).__name__}")
-
-    def _container_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x = args[0] if args else kwargs.pop("x")
-        before = len(self._inserted)
-        x = self._insert(x, self.site.batch_first)
-        p = self._inserted[-1] if len(self._inserted) > before else 0
-        mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
-        if p and mask is not None:
-            mask = _widen_square_mask(mask, self.site.index, p)
-            if len(args) > 1:
-                args = (args[0], mask, *args[2:])
-            else:
-                kwargs["attn_mask"] = mask
-        return (x, *args[1:]), kwargs
-
-    def _hf_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        bound = _bind(module, args, kwargs)
-        past = _cached_length(bound)
-        embeds = bound.get("inputs_embeds")
-        ids = bound.get("input_ids")
-        if embeds is None and ids is None:
-            self._inserted.append(0)
-            return args, kwargs
-        if past:
-            # a cached generation step: the cache already holds the soft tokens, so only the
-            # mask and positions account for them, and nothing is inserted or stripped
-            n_prompt = self._active_prompt_length()
-            self._inserted.append(0)
-            if not n_prompt:
-                return args, kwargs
-            mask = bound.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                bound["attention_mask"] = _insert_cols(mask, self.site.index, n_prompt, 1)
-            if bound.get("position_ids") is not None:
-                bound["position_ids"] = bound["position_ids"] + n_prompt
-            return (), bound
-        if embeds is None:
-            assert self.site.embedding is not None
-            embeds = self.site.embedding(ids)
-        p = self.prompts(embeds.shape[0], embeds)
-        n_prompt = 0 if p is None else p.shape[1]
-        self._inserted.append(n_prompt)
-        if not n_prompt:
-            return args, kwargs
-        i = self.site.index
-        bound["input_ids"] = None
-        bound["inputs_embeds"] = torch.cat([embeds[:, :i], p, embeds[:, i:]], dim=1)
-        for name, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            t = bound.get(name)
-            if t is not None and t.dim() == 2:
-                bound[name] = _insert_cols(t, i, n_prompt, fill)
-        pos = bound.get("position_ids")
-        if pos is not None:  # soft tokens take the positions from i on; later ones shift
-            start = pos[:, i : i + 1] if pos.shape[1] > i else pos[:, -1:] + 1
-            soft = start + torch.arange(n_prompt, device=pos.device)
-            bound["position_ids"] = torch.cat([pos[:, :i], soft, pos[:, i:] + n_prompt], dim=1)
-        return (), bound
-
-    def _active_prompt_length(self) -> int:
-        return sum(
-            a.delta.tokens(1).shape[1] for a in self.attachments if self.state.runs(a.adapter)
-        )
-
-
-def _insert_cols(t: Tensor, index: int, n: int, fill: int) -> Tensor:
-    pad = t.new_full((t.shape[0], n), fill)
-    return torch.cat([t[:, :index], pad, t[:, index:]], dim=1)
-
-
-def _cached_length(bound: dict[str, Any]) -> int:
-    """Tokens already in a KV cache passed to a Hugging Face model (any argument name)."""
-    for name in ("cache", "past_key_values"):
-        cache = bound.get(name)
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-    return 0
-
-
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
-def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """All arguments of a forward call as keywords."""
-    sig = _SIGNATURES.get(type(module))
-    if sig is None:
-        sig = _SIGNATURES.setdefault(type(module), inspect.signature(type(module).forward))
-    bound = sig.bind(module, *args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in list(bound.arguments.items())[1:]:
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                raise TypeError(f"{type(module).__name__}.forward got extra positional arguments")
-        else:
-            out[name] = value
-    return out
-
-
-def _widen_square_mask(mask: Tensor, index: int, p: int) -> Tensor:
-    """Widen an ``(L, L)`` attention mask for ``p`` tokens inserted at ``index``.
-
-    Real tokens may attend to the soft tokens; soft tokens attend only to soft tokens, so
-    a causal stack stays causal (nothing reads the future through them).
-    """
-    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
-        raise ValueError(f"cannot widen an attention mask of shape {tuple(mask.shape)}")
-    length = mask.shape[0]
-    if mask.dtype == torch.bool:  # True = masked out
-        allow, block = False, True
-    else:
-        allow, block = 0.0, float("-inf")
-    new = mask.new_full((length + p, length + p), allow)
-    real = torch.cat([torch.arange(index), torch.arange(index + p, length + p)]).to(mask.device)
-    new[real.unsqueeze(1), real.unsqueeze(0)] = mask
-    soft = torch.arange(index, index + p, device=mask.device)
-    new[soft.unsqueeze(1), real.unsqueeze(0)] = block
-    return new

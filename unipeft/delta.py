@@ -79,6 +79,20 @@ class DeltaModule(nn.Module):
         """An auxiliary loss from the last forward pass, if the delta keeps one."""
         return None
 
+    @staticmethod
+    def mixed(
+        deltas: list[DeltaModule], x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
+    ) -> Tensor | None:
+        """Apply several deltas of this class at one site to a mixed batch at once.
+
+        ``deltas[j]`` acts on the samples whose ``slots`` entry is ``j`` (``slots`` is
+        ``(N,)``; ``len(deltas)`` marks samples none of them touches). ``cache`` is a dict
+        the site keeps across calls (e.g. for stacked weights). Return ``None`` to let
+        unipeft run each delta on its own samples instead; classes that can do the whole
+        batch in a fixed number of operations override this.
+        """
+        return None
+
 
 def _channels_last(y: Tensor, channel_dim: int) -> Tensor:
     return y if channel_dim in (-1, y.ndim - 1) else y.movedim(channel_dim, -1)

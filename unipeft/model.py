@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ._hosts import AdapterState, Attachment, MHAHost, ModuleHost, SequenceHost
+from ._hosts import AdapterState, Attachment, MHAHost, ModuleHost, Routing
+from ._merge import MergeLedger
 from ._plugins import Registry, registry
+from ._sequence import SequenceHost
 from ._targets import resolve_targets
 from .config import DeltaConfig
 from .delta import DeltaModule
@@ -71,14 +73,26 @@ class DeltaModel(nn.Module):
         self._adapters: dict[str, Adapter] = {}
         self._hosts: dict[int, ModuleHost | MHAHost | SequenceHost] = {}
         self._requires_grad: dict[str, bool] | None = None
-        self._merge_stack: list[Attachment] = []
+        self._ledger = MergeLedger()
         self._unloaded = False
         self._structure_map: str | None = None
 
     # ------------------------------------------------------------------ passthrough
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Call the backbone. ``adapter_names`` (one per sample; ``"__base__"`` for the plain
+        backbone) runs a mixed batch: each sample through its own adapter."""
         self._check_live()
-        return self.base_model(*args, **kwargs)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        self._routing(adapter_names)  # validates the names before anything runs
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        if first is not None and first.dim() and first.shape[0] != len(adapter_names):
+            raise AdapterError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of "
+                f"{first.shape[0]}; give exactly one adapter name per sample"
+            )
+        with self.mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -228,13 +242,35 @@ class DeltaModel(nn.Module):
             raise AdapterError("this DeltaModel was unloaded; apply unipeft to the backbone again")
 
     def set_active(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active adapters (the ones that run)."""
+        """Make ``names`` the active adapters: they run together, in this order. An empty
+        sequence leaves only the backbone."""
         names = (names,) if isinstance(names, str) else tuple(names)
         for n in names:
             self._adapter(n)
-        if self._merge_stack:
-            raise AdapterError("unmerge() before changing the active adapters")
+        stranded = sorted(set(self.merged_adapters) - set(names))
+        if stranded:
+            raise MergeError(
+                f"adapters {stranded} are merged into the weights; unmerge() them before "
+                "making them inactive"
+            )
         self._state.active = names
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        """One row per adapter: name, method, family, targets, sites, parameters, state."""
+        merged = set(self.merged_adapters)
+        return [
+            {
+                "name": a.name,
+                "method": a.method.id,
+                "family": a.method.family,
+                "targets": list(a.targets),
+                "sites": len(a.sites),
+                "parameters": a.num_parameters(),
+                "active": a.name in self._state.active,
+                "merged": a.name in merged,
+            }
+            for a in self._adapters.values()
+        ]
 
     def _adapter(self, name: str) -> Adapter:
         try:
@@ -246,14 +282,22 @@ class DeltaModel(nn.Module):
             ) from None
 
     def delete_adapter(self, name: str) -> None:
-        adapter = self._adapter(name)
-        if any(a.adapter == name for a in self._merge_stack):
-            raise MergeError(f"adapter {name!r} is merged; unmerge() it before deleting it")
-        for att in adapter.attachments:
+        """Remove an adapter: its hooks, its parameters and its state-dict entries."""
+        self._adapter(name)
+        if name in self._state.active:
+            others = [a for a in self._adapters if a != name]
+            hint = f"set_active({others[:1]!r})" if others else "set_active([])"
+            raise AdapterError(
+                f"adapter {name!r} is active; {hint} first, then delete it (unload() removes "
+                "every adapter at once)"
+            )
+        self._remove_adapter(name)
+
+    def _remove_adapter(self, name: str) -> None:
+        for att in self._adapters[name].attachments:
             self._host_remove(att)
         del self.deltas[name]
         del self._adapters[name]
-        self._state.active = tuple(a for a in self._state.active if a != name)
 
     # ------------------------------------------------------------------ hosts
     def _host_add(self, att: Attachment) -> None:
@@ -321,87 +365,98 @@ class DeltaModel(nn.Module):
     def disable(self) -> Iterator[None]:
         """Run the plain backbone inside the block (merged adapters are unmerged for it)."""
         self._check_live()
-        remerge = list(self._merge_stack)
-        if remerge:
-            self.unmerge()
+        remerge = self._ledger.merged()
+        self._ledger.unmerge(remerge)
         previous = self._state.enabled
         self._state.enabled = False
         try:
             yield
         finally:
             self._state.enabled = previous
-            for att in remerge:
-                self._merge_one(att)
+            self._ledger.merge(remerge)
 
-    def merge(self) -> None:
-        """Fold the active adapters into the backbone's weights (exactly reversible)."""
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Inside the block, sample ``i`` of every batch uses adapter ``adapter_names[i]``
+        (``"__base__"``: the plain backbone). For calls that are not ``forward``, such as
+        CLIP's ``encode_image``; ``model(..., adapter_names=[...])`` does the same."""
         self._check_live()
+        self._state.routing = self._routing(adapter_names)
+        try:
+            yield
+        finally:
+            self._state.routing = None
+
+    def _routing(self, adapter_names: Sequence[str]) -> Routing:
+        if isinstance(adapter_names, str) or not len(adapter_names):
+            raise AdapterError("adapter_names must be a non-empty list, one name per sample")
+        names = tuple(adapter_names)
+        for n in set(names) - {BASE}:
+            self._adapter(n)
+        if self.merged_adapters:
+            raise MergeError("unmerge() before running a mixed batch: merged weights are shared")
+        return Routing.of(names)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        seen = dict.fromkeys(a.adapter for a in self._ledger.merged())
+        return list(seen)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._ledger.merged())
+
+    def merge(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the backbone's weights.
+
+        Exactly reversible: :meth:`unmerge` restores the original bits. Merging an adapter
+        that is already merged warns and does nothing.
+        """
+        self._check_live()
+        names = self._names(adapter_names, self._state.active)
         todo: list[Attachment] = []
-        for name in self._state.active:
-            adapter = self._adapters[name]
+        for name in names:
+            adapter = self._adapter(name)
             if not adapter.method.mergeable:
                 raise MergeError(
                     f"adapter {name!r} uses method {adapter.method.id!r}, which cannot be merged "
                     "into the backbone's weights (its output is not a fixed weight change)"
                 )
+            if name in self.merged_adapters:
+                warnings.warn(
+                    f"adapter {name!r} is already merged; merge() leaves it as is", stacklevel=2
+                )
+                continue
+            if name not in self._state.active:
+                raise MergeError(f"adapter {name!r} is not active; set_active() it to merge it")
             for att in adapter.attachments:
-                if att.merged:
-                    continue
                 why = _merge_refusal(att)
                 if why:
                     raise MergeError(f"adapter {name!r} cannot be merged: {why}")
                 todo.append(att)
-        for att in todo:
-            self._merge_one(att)
+        self._ledger.merge(todo)
 
-    def _merge_one(self, att: Attachment) -> None:
-        site = att.site
-        assert isinstance(site, ModuleSite)
-        weight, bias, bias_param = _views(site)
-        with torch.no_grad():
-            new_w, new_b = att.delta.merged(weight, bias)
-            att.saved = (
-                weight.detach().clone(),
-                None if bias is None else bias.detach().clone(),
-                bias_param is None and new_b is not None,
-            )
-            weight.copy_(new_w.to(weight.dtype))
-            if new_b is not None:
-                if bias is None:
-                    _create_bias(site, new_b)
-                else:
-                    bias.copy_(new_b.to(bias.dtype))
-        att.merged = True
-        self._merge_stack.append(att)
-
-    def unmerge(self) -> None:
-        """Restore the exact weights the backbone had before :meth:`merge`."""
+    def unmerge(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Take adapters (default: every merged one) out of the weights, bit-exactly."""
         self._check_live()
-        while self._merge_stack:
-            att = self._merge_stack.pop()
-            site = att.site
-            assert isinstance(site, ModuleSite) and att.saved is not None
-            weight, bias, _ = _views(site)
-            saved_w, saved_b, created = att.saved
-            with torch.no_grad():
-                weight.copy_(saved_w)
-                if created:
-                    _drop_bias(site)
-                elif bias is not None and saved_b is not None:
-                    bias.copy_(saved_b)
-            att.saved = None
-            att.merged = False
+        names = self._names(adapter_names, self.merged_adapters)
+        for name in names:
+            self._adapter(name)
+        todo = [a for a in self._ledger.merged() if a.adapter in names]
+        self._ledger.unmerge(todo)
 
-    @property
-    def merged(self) -> bool:
-        return bool(self._merge_stack)
+    def _names(self, names: str | Sequence[str] | None, default: Sequence[str]) -> list[str]:
+        if names is None:
+            return list(default)
+        return [names] if isinstance(names, str) else list(names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the backbone with its original state."""
         self._check_live()
         self.unmerge()
+        self._state.active = ()
         for name in list(self._adapters):
-            self.delete_adapter(name)
+            self._remove_adapter(name)
         if self._requires_grad is not None:
             for n, p in self.base_model.named_parameters():
                 p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
@@ -419,21 +474,6 @@ class DeltaModel(nn.Module):
         save_adapters(self, directory, adapters)
 
 
-def _views(site: ModuleSite) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(weight view, bias view, bias parameter)`` in canonical layout for the site."""
-    w = site.parameter("weight")
-    b = site.parameter("bias")
-    assert w is not None
-    s = site.out_slice
-    layout = site.weight.layout if site.weight is not None else None
-    if layout == "conv1d_t":
-        wv = w.data[:, s[0] : s[1]].t() if s else w.data.t()
-    else:
-        wv = w.data[s[0] : s[1]] if s else w.data
-    bv = None if b is None else (b.data[s[0] : s[1]] if s else b.data)
-    return wv, bv, b
-
-
 def _merge_refusal(att: Attachment) -> str | None:
     site = att.site
     if not isinstance(site, ModuleSite):
@@ -447,26 +487,3 @@ def _merge_refusal(att: Attachment) -> str | None:
 
 def _is_affine(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase)
-
-
-def _create_bias(site: ModuleSite, value: Tensor) -> None:
-    name = site.weight.bias_name if site.weight is not None else "bias"
-    w = site.parameter("weight")
-    assert w is not None
-    n_out = (
-        w.shape[1] if site.weight is not None and site.weight.layout == "conv1d_t" else w.shape[0]
-    )
-    full = torch.zeros(n_out, dtype=w.dtype, device=w.device)
-    s = site.out_slice
-    if s:
-        full[s[0] : s[1]] = value.to(w.dtype)
-    else:
-        full.copy_(value.to(w.dtype))
-    setattr(site.module, name, nn.Parameter(full, requires_grad=False))
-
-
-def _drop_bias(site: ModuleSite) -> None:
-    name = site.weight.bias_name if site.weight is not None else "bias"
-    module = site.module
-    del module._parameters[name]
-    module.register_parameter(name, None)

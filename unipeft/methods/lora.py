@@ -68,6 +68,45 @@ class LoraDelta(ReparameterizedDelta):
             return y + conv(h, b) * self.scaling
         return y + F.linear(F.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype)) * self.scaling
 
+    @staticmethod
+    def mixed(
+        deltas: list[LoraDelta], x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
+    ) -> Tensor | None:
+        """Every adapter's LoRA on its own samples with two batched matmuls.
+
+        Factors are padded to the largest rank and stacked, with a zero slot for samples
+        without an adapter here: ``A`` ``(k+1, r, in)``, ``B·s`` ``(k+1, out, r)``; each
+        sample gathers its pair. Stacks are reused while no factor changed.
+        """
+        if x is None or any(d.shape.is_conv for d in deltas):
+            return None
+        if any(d.training and isinstance(d.dropout, nn.Dropout) for d in deltas):
+            return None  # dropout differs per adapter; the per-group path applies each one
+        a, b = _stacked(deltas, cache)
+        n = x.shape[0]
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.to(x.dtype)[slots].transpose(1, 2))
+        out = torch.bmm(h, b.to(x.dtype)[slots].transpose(1, 2))
+        return y + out.reshape(y.shape)
+
+
+def _stacked(deltas: list[LoraDelta], cache: dict) -> tuple[Tensor, Tensor]:
+    # the key holds the deltas themselves (not their ids, which Python may reuse) and the
+    # version counters that every in-place update of a factor bumps
+    key = [(d, d.A._version, d.B._version) for d in deltas]
+    grad = torch.is_grad_enabled() and any(d.A.requires_grad for d in deltas)
+    old = cache.get("lora_key")
+    if not grad and old is not None and len(old) == len(key):
+        if all(o[0] is k[0] and o[1:] == k[1:] for o, k in zip(old, key)):
+            return cache["lora_A"], cache["lora_B"]
+    r = max(d.r for d in deltas)
+    a = torch.stack([F.pad(d.A, (0, 0, 0, r - d.r)) for d in deltas])
+    b = torch.stack([F.pad(d.B * d.scaling, (0, r - d.r)) for d in deltas])
+    a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])  # the slot of samples without one here
+    b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])
+    if not grad:
+        cache.update(lora_key=key, lora_A=a, lora_B=b)
+    return a, b
+
 
 def _build(cfg: LoraConfig, site: Site) -> LoraDelta:
     return LoraDelta(

@@ -22,7 +22,12 @@ class TinyBackbone:
     family: str  # "text" | "vit" | "clip"
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.Generator], dict[str, Any]]
-    run: Callable[[nn.Module, dict[str, Any]], Tensor]
+    outputs: Callable[[nn.Module, dict[str, Any]], list[Tensor]]
+    """The model's outputs of interest, each with the batch as its first dimension."""
+
+    def run(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        """Every output flattened into one tensor, for comparisons."""
+        return torch.cat([t.flatten() for t in self.outputs(model, inputs)])
 
     def make(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         proto = _PROTOTYPES.get(self.name)
@@ -55,12 +60,12 @@ def _image_inputs(gen: torch.Generator) -> dict[str, Any]:
     return {"pixels": torch.randn(2, 3, 32, 32, generator=gen)}
 
 
-def _hf_text_run(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+def _hf_text_run(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    parts = [out.last_hidden_state.flatten()]
+    parts = [out.last_hidden_state]
     if getattr(out, "pooler_output", None) is not None:
-        parts.append(out.pooler_output.flatten())
-    return torch.cat(parts)
+        parts.append(out.pooler_output)
+    return parts
 
 
 def _bert() -> nn.Module:
@@ -134,9 +139,9 @@ def _hf_vit() -> nn.Module:
     )
 
 
-def _hf_vit_run(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+def _hf_vit_run(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
     out = model(pixel_values=inputs["pixels"])
-    return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+    return [out.last_hidden_state, out.pooler_output]
 
 
 def _timm_vit() -> nn.Module:
@@ -154,9 +159,9 @@ def _timm_vit() -> nn.Module:
     )
 
 
-def _timm_run(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+def _timm_run(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
     feats = model.forward_features(inputs["pixels"])
-    return torch.cat([feats.flatten(), model.forward_head(feats).flatten()])
+    return [feats, model.forward_head(feats)]
 
 
 def _open_clip() -> nn.Module:
@@ -180,13 +185,8 @@ def _clip_inputs(gen: torch.Generator) -> dict[str, Any]:
     }
 
 
-def _clip_run(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-    return torch.cat(
-        [
-            model.encode_image(inputs["pixels"]).flatten(),
-            model.encode_text(inputs["text"]).flatten(),
-        ]
-    )
+def _clip_run(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
+    return [model.encode_image(inputs["pixels"]), model.encode_text(inputs["text"])]
 
 
 BACKBONES: dict[str, TinyBackbone] = {
