@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,4 +30,7 @@ def _blocks() -> list[tuple[str, int, str]]:
     ("doc", "index", "code"), [pytest.param(*b, id=f"{b[0]}#{b[1]}") for b in _blocks()]
 )
 def test_example_runs(doc: str, index: int, code: str) -> None:
-    exec(compile(code, f"{doc}#example{index}", "exec"), {"__name__": "__doc_example__"})
+    # a fresh interpreter per example: an import the example forgot cannot hide behind one
+    # that an earlier test made
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, f"{doc} example {index} failed:\n{result.stderr[-2000:]}"

@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 from torch import nn
 
+from . import arithmetic, interop
 from ._plugins import PluginFailure, Registry, register_plugin, registry, reset_registry
 from ._targets import all_sites, pick_map, resolve_targets
 from .config import DeltaConfig
@@ -130,9 +131,11 @@ __all__ = [
     "UnipeftError",
     "__version__",
     "apply",
+    "arithmetic",
     "get_method",
     "hookimpl",
     "inspect_sites",
+    "interop",
     "list_methods",
     "load",
     "plugin_failures",
