@@ -1,0 +1,72 @@
+"""The lifecycle on a CUDA device, compared with the same model on the CPU.
+
+Run with ``pytest -m gpu`` on a machine with CUDA; the default run deselects these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unipeft
+from unipeft.testing.backbones import BACKBONES
+from unipeft.testing.invariants import perturb
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+METHODS = ["lora", "bottleneck_adapter", "bitfit", "moe_lora", "unipelt", "prompt_tuning"]
+
+
+def _to(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_cpu(name: str, method: str) -> None:
+    bb = BACKBONES[name]
+    cpu = unipeft.apply(bb.make(), method)
+    perturb(cpu)
+    gpu = unipeft.apply(bb.make().cuda(), method)
+    gpu.deltas.load_state_dict(cpu.deltas.state_dict())
+    assert all(p.is_cuda for p in gpu.deltas.parameters())
+    x = bb.sample(0)
+    with torch.no_grad():
+        want = bb.run(cpu, x)
+        got = bb.run(gpu, _to(x, "cuda")).cpu()
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["bert", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_merge_and_mixed_batch(name: str, dtype: torch.dtype) -> None:
+    bb = BACKBONES[name]
+    model = unipeft.apply(bb.make(dtype).cuda(), "lora", r=4, adapter_name="a")
+    model.add_adapter("b", "lora", r=8)
+    perturb(model)
+    original = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    x = _to(bb.sample(0, dtype), "cuda")
+    with torch.no_grad():
+        per = {}
+        for adapter in ("a", "b"):
+            model.set_active(adapter)
+            per[adapter] = bb.outputs(model, x)
+        model.set_active(["a", "b"])
+        unmerged = bb.run(model, x)
+        for _ in range(3):
+            model.merge()
+            merged = bb.run(model, x)
+            model.unmerge()
+        model.set_active("a")
+        with model.mixed_batch(["b", "a"]):
+            mixed = bb.outputs(model, x)
+    tol = dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
+    torch.testing.assert_close(merged, unmerged, **tol)
+    state = model.base_model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in original.items()), "unmerge is not exact"
+    for k, tensor in enumerate(mixed):
+        torch.testing.assert_close(tensor[0], per["b"][k][0], **tol)
+        torch.testing.assert_close(tensor[1], per["a"][k][1], **tol)
