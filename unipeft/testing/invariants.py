@@ -59,7 +59,7 @@ def perturb(
     with torch.no_grad():
         for p in params:
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            p.add_(noise.to(p.dtype) * scale)
+            p.add_(noise.to(device=p.device, dtype=p.dtype) * scale)
 
 
 def _close(a: Tensor, b: Tensor, what: str) -> None:
