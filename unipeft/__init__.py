@@ -20,6 +20,7 @@ from torch import nn
 from . import arithmetic, interop
 from ._plugins import PluginFailure, Registry, register_plugin, registry, reset_registry
 from ._targets import all_sites, pick_map, resolve_targets
+from .budget import BudgetPlan, plan_budget
 from .config import DeltaConfig
 from .delta import (
     AdditiveDelta,
@@ -107,6 +108,7 @@ __all__ = [
     "Adapter",
     "AdapterError",
     "AdditiveDelta",
+    "BudgetPlan",
     "ConfigError",
     "DeltaConfig",
     "DeltaModel",
@@ -138,6 +140,7 @@ __all__ = [
     "interop",
     "list_methods",
     "load",
+    "plan_budget",
     "plugin_failures",
     "plugin_manager",
     "register_plugin",

@@ -45,6 +45,9 @@ class Method:
     summary: str = ""
     accepts: Callable[[Any, Site], str | None] | None = None
     """Optional finer check than ``site_kinds``: return why a site is refused, or None."""
+    budget_field: str | None = None
+    """The integer config field that sets the method's size (LoRA's ``r``), which the
+    budget planner searches; None for methods of fixed size."""
     distribution: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,10 @@ class Method:
             raise ValueError(f"method id {self.id!r} must be letters, digits, '_' or '-'")
         if not (isinstance(self.config, type) and issubclass(self.config, DeltaConfig)):
             raise TypeError(f"method {self.id!r}: config must be a DeltaConfig subclass")
+        if self.budget_field is not None and self.budget_field not in self.config.model_fields:
+            raise ValueError(
+                f"method {self.id!r}: budget_field {self.budget_field!r} is not a config field"
+            )
         undescribed = [n for n, f in self.config.model_fields.items() if not f.description]
         if undescribed:
             raise ValueError(
@@ -96,6 +103,7 @@ class Method:
             "formula": self.formula,
             "paper": self.paper,
             "summary": self.summary,
+            "budget_field": self.budget_field,
             "distribution": self.distribution,
             "fields": {
                 name: {

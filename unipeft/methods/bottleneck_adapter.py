@@ -104,6 +104,7 @@ METHOD = Method(
     formula="d_in · b + b + b · d_out + d_out per site (b: bottleneck; d_in = d_out when serial)",
     site_kinds=("module",),
     default_targets=lambda cfg: _PLACEMENT_TARGETS[cfg.placement],
+    budget_field="bottleneck",
     mergeable=False,
     identity_at_init=True,
     paper="Houlsby et al., Parameter-Efficient Transfer Learning for NLP, 2019, "

@@ -128,6 +128,7 @@ METHOD = Method(
     formula="r · (d_in · k + d_out) per projection (k: kernel elements, 1 for Linear)",
     site_kinds=("projection",),
     default_targets=("attn.q", "attn.v"),
+    budget_field="r",
     mergeable=True,
     identity_at_init=True,
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, 2021, arXiv:2106.09685",

@@ -59,6 +59,7 @@ METHOD = Method(
     formula="E · (r · (d_in + d_out) + d_in) per projection (E experts and their router)",
     site_kinds=("projection",),
     default_targets=("attn.q", "attn.v"),
+    budget_field="r",
     mergeable=False,
     identity_at_init=True,
     paper="Zadouri et al., Pushing Mixture of Experts to the Limit: Extremely Parameter "

@@ -71,6 +71,7 @@ METHOD = Method(
     formula="P · D per token sequence (P: num_tokens, D: hidden width)",
     site_kinds=("sequence",),
     default_targets=("tokens",),
+    budget_field="num_tokens",
     mergeable=False,
     identity_at_init=False,
     paper="Lester et al., The Power of Scale for Parameter-Efficient Prompt Tuning, 2021, "

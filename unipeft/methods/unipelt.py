@@ -87,6 +87,7 @@ METHOD = Method(
     formula="projection: r·(d_in+d_out) + d_in + 1; sublayer: 2·d·b + b + 2·d + 1; tokens: P·D + 1",
     site_kinds=("projection", "module", "sequence"),
     default_targets=_targets,
+    budget_field="lora_r",
     mergeable=False,
     identity_at_init=lambda cfg: cfg.prompt_tokens == 0,
     paper="Mao et al., UniPELT: A Unified Framework for Parameter-Efficient Language Model "

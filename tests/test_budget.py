@@ -1,0 +1,47 @@
+"""The budget planner picks the largest size that fits, from each method's formula."""
+
+from __future__ import annotations
+
+import pytest
+
+import unipeft
+from unipeft import ConfigError
+from unipeft.budget import parse_budget
+from unipeft.testing.backbones import BACKBONES
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck_adapter", "prompt_tuning", "moe_lora"])
+def test_plan_is_the_largest_that_fits(method: str) -> None:
+    backbone = BACKBONES["bert"].make()
+    plan = unipeft.plan_budget(backbone, method, "5%")
+    assert plan.fraction <= 0.05
+    field = unipeft.get_method(method).budget_field
+    model = unipeft.apply(backbone, method, **plan.config)
+    assert model.num_trainable_parameters() == plan.trainable  # the formula is the truth
+    bigger = {**plan.config, field: plan.config[field] + 1}
+    over = unipeft.plan_budget(BACKBONES["bert"].make(), method, 1.0, **bigger)
+    assert over.trainable > 0.05 * plan.total
+
+
+def test_budget_errors() -> None:
+    backbone = BACKBONES["bert"].make()
+    with pytest.raises(ConfigError, match=r"smallest, r=1, trains"):
+        unipeft.plan_budget(backbone, "lora", "0.0001%")
+    with pytest.raises(ConfigError, match="over the budget"):
+        unipeft.plan_budget(backbone, "bitfit", "0.0001%")
+    with pytest.raises(ConfigError, match="percentage"):
+        parse_budget("half")
+    with pytest.raises(ConfigError, match="at most 100%"):
+        parse_budget("150%")
+    assert parse_budget("0.5%") == pytest.approx(0.005) and parse_budget(0.01) == 0.01
+
+
+def test_fixed_fields_are_kept() -> None:
+    plan = unipeft.plan_budget(
+        BACKBONES["timm_vit"].make(),
+        "lora",
+        "3%",
+        alpha=4.0,
+        targets=["attn.q", "attn.v", "mlp.up"],
+    )
+    assert plan.config["alpha"] == 4.0 and plan.targets == ["attn.q", "attn.v", "mlp.up"]
