@@ -84,7 +84,6 @@ class Attachment:
     site: ModuleSite | SequenceSite
     delta: DeltaModule
     merged: bool = False
-    saved: tuple[Tensor, Tensor | None, bool] | None = field(default=None, repr=False)
 
 
 def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
