@@ -107,10 +107,16 @@ class Method:
             "distribution": self.distribution,
             "fields": {
                 name: {
-                    "type": str(info.annotation),
-                    "default": info.default,
+                    "type": _type_name(info.annotation),
+                    "required": info.is_required(),
+                    "default": None if info.is_required() else info.default,
                     "description": info.description,
                 }
                 for name, info in self.config.model_fields.items()
             },
         }
+
+
+def _type_name(annotation: Any) -> str:
+    """``int`` rather than ``<class 'int'>``; ``Literal['a', 'b']`` and unions as written."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)

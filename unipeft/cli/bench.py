@@ -1,0 +1,115 @@
+"""``unipeft bench``: the survey's experiments, each writing JSON + PNG into ``--output``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import cli_errors
+
+bench_app = typer.Typer(no_args_is_help=True, help="The survey's experiments (JSON + PNG).")
+_console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        _console.print("[yellow]CUDA is not available here: measuring on the CPU instead[/]")
+        return "cpu"
+    return device
+
+
+@bench_app.command("latency")
+def latency_cmd(
+    output: Annotated[
+        Path, typer.Option("--output", help="folder for latency.json and latency.png")
+    ],
+    model: Annotated[
+        str, typer.Option(help="model spec (see `unipeft inspect --help`)")
+    ] = "minilm",
+    batch: Annotated[int, typer.Option(min=1)] = 32,
+    length: Annotated[int, typer.Option(min=1)] = 64,
+    repeats: Annotated[int, typer.Option(min=1)] = 15,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Inference throughput: base, LoRA unmerged / merged, serial / parallel adapters."""
+    from ..bench import check_writable, write_json
+    from ..bench.plots import bar_chart
+    from ..bench.survey import latency
+    from ._backbones import load_backbone
+
+    with cli_errors():
+        out = check_writable(output)
+        load_backbone(model)  # fail early on a bad spec
+    dev = _device(device)
+    rows = latency(
+        lambda: load_backbone(model).model, batch=batch, length=length, repeats=repeats, device=dev
+    )
+    write_json(out / "latency.json", {"model": model, "rows": rows})
+    bar_chart(
+        rows,
+        "ratio_to_base",
+        "time per batch / base",
+        f"Inference latency ({model})",
+        out / "latency.png",
+    )
+    table = Table(title=f"inference latency, {model}, batch {batch}x{length}, {dev}")
+    for col in ("variant", "ms / batch", "samples / s", "x base"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            f"{1000 * r['seconds_per_batch']:.1f}",
+            f"{r['samples_per_second']:.0f}",
+            f"{r['ratio_to_base']:.2f}",
+        )
+    _console.print(table)
+
+
+@bench_app.command("memory")
+def memory_cmd(
+    output: Annotated[Path, typer.Option("--output", help="folder for memory.json and memory.png")],
+    model: Annotated[
+        str, typer.Option(help="model spec (see `unipeft inspect --help`)")
+    ] = "minilm",
+    batch: Annotated[int, typer.Option(min=1)] = 16,
+    length: Annotated[int, typer.Option(min=1)] = 64,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Peak memory of a training step: full fine-tuning vs LoRA vs a lower-precision base."""
+    from ..bench import check_writable, write_json
+    from ..bench.plots import bar_chart
+    from ..bench.survey import memory
+    from ._backbones import load_backbone
+
+    with cli_errors():
+        out = check_writable(output)
+        load_backbone(model)
+    dev = _device(device)
+    rows = memory(model, batch=batch, length=length, device=dev)
+    for r in rows:
+        r["peak_mib"] = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
+    write_json(out / "memory.json", {"model": model, "rows": rows})
+    bar_chart(
+        rows,
+        "peak_mib",
+        "peak memory of a training step (MiB)",
+        f"Training memory ({model})",
+        out / "memory.png",
+    )
+    table = Table(title=f"training-step peak memory, {model}, batch {batch}x{length}, {dev}")
+    for col in ("variant", "peak MiB", "trainable", "note"):
+        table.add_column(col)
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        table.add_row(r["variant"], peak, str(r.get("trainable", "-")), r.get("note", ""))
+    _console.print(table)
