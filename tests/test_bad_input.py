@@ -143,6 +143,12 @@ def test_load_of_a_corrupt_directory(tmp_path: Path) -> None:
     snap = _snapshot(fresh)
     weights = tmp_path / "unipeft_adapters.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoadError, match="checksum differs"):
+        unipeft.load(fresh, tmp_path)
+    config = tmp_path / "unipeft_adapters.json"
+    doc = json.loads(config.read_text())
+    del doc["weights_sha256"]  # a config without a checksum: the file itself is checked
+    config.write_text(json.dumps(doc))
     with pytest.raises(LoadError, match="truncated"):
         unipeft.load(fresh, tmp_path)
     (tmp_path / "unipeft_adapters.json").write_text("{not json")

@@ -6,6 +6,7 @@ Loading never executes code from a file. Tensor keys are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -74,13 +75,39 @@ def save_adapters(
     }
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    # write next to the destination, then rename: a crash leaves the old files intact
+    # Write next to the destination, fsync, then rename each file into place: a crash leaves
+    # whole files. The config records the weights' SHA-256, so a crash between the two
+    # renames (new weights, old config) is detected on load instead of mixing two saves.
     with tempfile.TemporaryDirectory(dir=target, prefix=".unipeft-tmp-") as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "unipeft"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
+        weights = os.path.join(tmp, WEIGHTS_FILE)
+        save_file(tensors, weights, metadata={"format": "unipeft"})
+        doc["weights_sha256"] = _sha256(weights)
+        config = os.path.join(tmp, CONFIG_FILE)
+        with open(config, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2, sort_keys=True)
-        os.replace(os.path.join(tmp, WEIGHTS_FILE), target / WEIGHTS_FILE)
-        os.replace(os.path.join(tmp, CONFIG_FILE), target / CONFIG_FILE)
+        for path in (weights, config):
+            _fsync(path)
+        os.replace(weights, target / WEIGHTS_FILE)
+        os.replace(config, target / CONFIG_FILE)
+        _fsync(str(target))
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the data is still written
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -103,6 +130,12 @@ def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise LoadError(
             f"{cfg_path} has format version {doc['format_version']}; this unipeft "
             f"({__version__}) reads up to {FORMAT_VERSION}: upgrade unipeft"
+        )
+    expected = doc.get("weights_sha256")
+    if expected is not None and _sha256(w_path) != expected:
+        raise LoadError(
+            f"{w_path} does not match {cfg_path} (checksum differs): the two files come from "
+            "different saves or the weights were modified; save the adapters again"
         )
     try:
         tensors = load_file(str(w_path))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
 import warnings
 import weakref
@@ -76,6 +78,11 @@ class DeltaModel(nn.Module):
         self._ledger = MergeLedger()
         self._unloaded = False
         self._structure_map: str | None = None
+        # Tools that read forward's signature (the HF Trainer keeps only the dataset columns
+        # named there) see the backbone's arguments, plus adapter_names.
+        forward = functools.partial(type(self).forward, self)
+        forward.__signature__ = _forward_signature(backbone)  # type: ignore[attr-defined]
+        self.forward = forward
 
     # ------------------------------------------------------------------ passthrough
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -119,8 +126,16 @@ class DeltaModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def num_parameters(self) -> int:  # type: ignore[override]
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of backbone and deltas (the signature of transformers' models)."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
 
     def aux_loss(self) -> Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) of the last forward pass,
@@ -487,3 +502,21 @@ def _merge_refusal(att: Attachment) -> str | None:
 
 def _is_affine(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase)
+
+
+def _forward_signature(backbone: nn.Module) -> inspect.Signature:
+    """The backbone's forward signature with the keyword-only ``adapter_names`` added."""
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    try:
+        sig = inspect.signature(backbone.forward)
+    except (TypeError, ValueError):
+        return inspect.Signature(
+            [
+                inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                extra,
+                inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+            ]
+        )
+    params = [p for p in sig.parameters.values() if p.name != "adapter_names"]
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=[*params[:at], extra, *params[at:]])

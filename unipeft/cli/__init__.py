@@ -122,9 +122,10 @@ def _root(
 
 def _register_commands(app: typer.Typer) -> None:
     """Import every command module and let it add its commands to ``app``."""
-    from . import _registry_cmds, bench
+    from . import _registry_cmds, bench, train
 
     _registry_cmds.register(app)
+    train.register(app)
     bench.register(app)
 
 

@@ -32,8 +32,9 @@ class TinyBackbone:
     def make(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         proto = _PROTOTYPES.get(self.name)
         if proto is None:
-            torch.manual_seed(0)
-            proto = _PROTOTYPES.setdefault(self.name, self.build().eval())
+            with torch.random.fork_rng():  # seeded, without disturbing the caller's RNG
+                torch.manual_seed(0)
+                proto = _PROTOTYPES.setdefault(self.name, self.build().eval())
         model = copy.deepcopy(proto)
         return model.to(dtype) if dtype != torch.float32 else model
 

@@ -1,0 +1,62 @@
+"""``unipeft train CONFIG.yaml``: fine-tune a text classifier from a YAML run configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+EXIT_USAGE = 2  # the exit code of every error the unipeft CLI reports (unipeft.cli.EXIT_USAGE)
+EXAMPLE = """\
+model: tiny:bert            # tiny:gpt2, tiny:llama, or minilm (all-MiniLM-L6-v2)
+data: {path: train.csv, text_column: text, label_column: label}
+method: lora
+budget: 0.5%                # or config: {r: 8}
+trainer: {steps: 200, lr: 0.001, batch_size: 16, checkpoint_every: 50}
+output_dir: runs/lora       # the schema: docs/training.md
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to ``app``."""
+
+    @app.command("train", help=f"Fine-tune a text classifier. CONFIG looks like:\n\n{EXAMPLE}")
+    def train(
+        config: Annotated[Path, typer.Argument(help="the run configuration (YAML)")],
+        resume: Annotated[
+            bool,
+            typer.Option("--resume", help="continue from output_dir/checkpoint (bit-exact on CPU)"),
+        ] = False,
+        progress: Annotated[
+            bool, typer.Option("--progress/--no-progress", help="show a progress bar on a TTY")
+        ] = True,
+    ) -> None:
+        from ..errors import UnipeftError
+        from ..training.run import run
+
+        err = Console(stderr=True)
+        try:
+            result = run(config, resume=resume, progress=progress)
+        except UnipeftError as exc:
+            err.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
+            raise typer.Exit(code=EXIT_USAGE) from None
+        out = Console()
+        tr = result.train
+        share = 100 * result.trainable / result.backbone_parameters
+        out.print(
+            Text(
+                f"trained steps {tr.start_step}..{tr.step}; {result.trainable} trainable "
+                f"parameters ({share:.3g}% of the backbone's {result.backbone_parameters}); "
+                f"method config {result.method_config}"
+            ),
+            soft_wrap=True,
+        )
+        if tr.history:
+            out.print(Text(f"last record: {tr.history[-1]}"), soft_wrap=True)
+        out.print(
+            Text(f"adapter: {tr.adapter_dir}\nclassifier head: {result.classifier_dir}"),
+            soft_wrap=True,
+        )

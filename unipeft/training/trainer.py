@@ -1,0 +1,274 @@
+"""A small plain-PyTorch trainer for unipeft models: seeded, checkpointed, resumable."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import data as _data
+from ._util import append_metrics, find_delta_model, progress_bar, to_device, truncate_metrics
+from .checkpoint import (
+    Checkpoint,
+    check_writable,
+    find_checkpoint,
+    publish,
+    read_checkpoint,
+    recover,
+    write_checkpoint,
+)
+from .config import RESUME_FIELDS, TrainerConfig
+from .state import (
+    CheckpointError,
+    TrainingError,
+    load_trainable_state,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    rng_from_parts,
+    rng_to_parts,
+    trainable_state,
+    trainable_state_keys,
+)
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` did: the final step, where it started, what it logged."""
+
+    step: int
+    start_step: int
+    output_dir: Path
+    adapter_dir: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's results (empty without ``eval_fn``)."""
+
+
+class Trainer:
+    """Train the trainable parameters of ``model`` with AdamW.
+
+    ``loss_fn(model, batch)`` returns a scalar loss; the trainer adds ``model.aux_loss()``
+    when the model has one that returns a tensor. ``train_data`` is a map-style dataset,
+    batched by a DataLoader whose order is a function of (seed, epoch); ``collate_fn`` is
+    passed to it. ``eval_fn(model)`` returns metrics, run under ``torch.no_grad()`` in eval
+    mode. Checkpoints go to ``output_dir/checkpoint/``, the loss and metrics to
+    ``output_dir/metrics.jsonl`` and, at the end, the adapters to ``output_dir/adapter/``
+    (via :meth:`DeltaModel.save`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_data: Any,
+        config: TrainerConfig | None = None,
+        *,
+        output_dir: str | os.PathLike,
+        eval_fn: EvalFn | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.loss_fn, self.train_data = model, loss_fn, train_data
+        self.config = config if config is not None else TrainerConfig()
+        self.output_dir = Path(output_dir)
+        self.eval_fn, self.collate_fn, self.progress = eval_fn, collate_fn, progress
+
+    # ------------------------------------------------------------------ setup
+    def _prepare(self, resume: bool) -> tuple[str, int, Checkpoint | None]:
+        cfg = self.config
+        device = cfg.resolved_device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainingError(
+                f"device {device!r} was asked for but CUDA is not available; "
+                "set device: cpu (or auto)"
+            )
+        size = _data.check_dataset(self.train_data)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise TrainingError(
+                "the model has no trainable parameter; unipeft.apply() a method first"
+            )
+        check_writable(self.output_dir)
+        existing = find_checkpoint(self.output_dir)
+        if existing is not None and not resume:
+            raise CheckpointError(
+                f"{self.output_dir} already holds a checkpoint; pass resume=True (unipeft "
+                "train --resume) to continue it, or choose another output_dir (or delete that "
+                "one) to start over"
+            )
+        ckpt = read_checkpoint(self.output_dir) if existing is not None else None
+        if ckpt is not None:
+            self._check_resumable(ckpt, size)
+        return device, size, ckpt
+
+    def _check_resumable(self, ckpt: Checkpoint, size: int) -> None:
+        where = self.output_dir / "checkpoint"
+        now = self.config.model_dump(mode="json")
+        changed = [f for f in RESUME_FIELDS if ckpt.config.get(f) != now[f]]
+        if changed:
+            diff = ", ".join(f"{f}: {ckpt.config.get(f)!r} -> {now[f]!r}" for f in changed)
+            raise CheckpointError(
+                f"cannot resume {where}: {diff}. These fields fix the data order and the "
+                "updates; keep the checkpoint's values, or start over in another output_dir"
+            )
+        if ckpt.step > self.config.steps:
+            raise CheckpointError(
+                f"cannot resume {where}: it is at step {ckpt.step}, beyond steps="
+                f"{self.config.steps}. Set steps to at least {ckpt.step}"
+            )
+        if ckpt.state["dataset_len"] != size:
+            raise CheckpointError(
+                f"cannot resume {where}: it was trained on {ckpt.state['dataset_len']} "
+                f"examples, this dataset has {size}. Resume with the same data"
+            )
+        epoch, _ = _data.position(ckpt.step, size, self.config.batch_size)
+        if ckpt.state.get("epoch_seed") != _data.epoch_seed(self.config.seed, epoch):
+            raise CheckpointError(
+                f"cannot resume {where}: its data order (epoch seed) differs from this "
+                "unipeft's; finish the run with the unipeft version that started it"
+            )
+        if ckpt.state.get("trainable_keys") != trainable_state_keys(self.model):
+            raise CheckpointError(
+                f"cannot resume {where}: it was written for a model with other trainable "
+                "tensors; resume with the same model, method and config"
+            )
+
+    # ------------------------------------------------------------------ training
+    def train(self, *, resume: bool = False) -> TrainResult:
+        """Train to ``config.steps``. With ``resume=True`` continue from the checkpoint in
+        ``output_dir`` if there is one (bit-exactly on CPU), else start from step 0."""
+        cfg = self.config
+        device, size, ckpt = self._prepare(resume)
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        recover(out)
+        recover(out, ADAPTER)
+        model = self.model.to(device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start = 0
+        if ckpt is None:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % (1 << 32))
+        else:
+            load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
+            optimizer_from_parts(optimizer, ckpt.optimizer, ckpt.optimizer_doc)
+            rng_from_parts(ckpt.rng, ckpt.state["rng"])
+            start = ckpt.step
+        truncate_metrics(out / METRICS, start)
+        result = TrainResult(step=start, start_step=start, output_dir=out, adapter_dir=None)
+        with progress_bar(cfg.steps, start, self.progress) as advance:
+            step = start
+            while step < cfg.steps:
+                epoch, skip = _data.position(step, size, cfg.batch_size)
+                loader = _data.epoch_loader(
+                    self.train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                    skip_batches=skip, collate_fn=self.collate_fn,
+                )  # fmt: skip
+                for batch in loader:
+                    loss = self._step(model, optimizer, params, to_device(batch, device))
+                    step += 1
+                    self._after_step(model, optimizer, result, step, epoch, size, loss)
+                    advance(loss)
+                    if step >= cfg.steps:
+                        break
+        result.step = step
+        result.adapter_dir = self._export(model)
+        return result
+
+    def _step(
+        self, model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], batch: Any
+    ) -> Tensor:
+        loss = self.loss_fn(model, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError("loss_fn(model, batch) must return a scalar tensor")
+        aux = getattr(model, "aux_loss", None)
+        extra = aux() if callable(aux) else None
+        if isinstance(extra, Tensor):
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    def _after_step(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        result: TrainResult,
+        step: int,
+        epoch: int,
+        size: int,
+        loss: Tensor,
+    ) -> None:
+        cfg, last = self.config, step == self.config.steps
+        record: dict[str, float] = {}
+        if step % cfg.log_every == 0 or last:
+            record["loss"] = float(loss)
+        if self.eval_fn is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            result.metrics = self._evaluate(model)
+            record.update(result.metrics)
+        if record:
+            record = {"step": step, "epoch": epoch, **record}
+            result.history.append(record)
+            append_metrics(self.output_dir / METRICS, record)
+        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            self._checkpoint(model, opt, step, size)
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        assert self.eval_fn is not None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # eval draws no randomness
+            model.eval()
+            try:
+                metrics = self.eval_fn(model)
+            finally:
+                model.train()
+        return {str(k): float(v) for k, v in metrics.items()}
+
+    def _checkpoint(
+        self, model: nn.Module, opt: torch.optim.Optimizer, step: int, size: int
+    ) -> None:
+        cfg = self.config
+        epoch, batch = _data.position(step, size, cfg.batch_size)
+        opt_tensors, opt_doc = optimizer_to_parts(opt)
+        rng_tensors, rng_doc = rng_to_parts()
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "epoch_seed": _data.epoch_seed(cfg.seed, epoch),
+            "dataset_len": size,
+            "trainable_keys": trainable_state_keys(model),
+            "rng": rng_doc,
+        }
+        ckpt = Checkpoint(
+            trainable=trainable_state(model),
+            optimizer=opt_tensors,
+            rng=rng_tensors,
+            optimizer_doc=opt_doc,
+            config=cfg.model_dump(mode="json"),
+            state=state,
+        )
+        write_checkpoint(self.output_dir, ckpt)
+
+    def _export(self, model: nn.Module) -> Path | None:
+        delta_model = find_delta_model(model)
+        if delta_model is None:
+            return None
+        return publish(self.output_dir, ADAPTER, lambda tmp: delta_model.save(str(tmp)))
