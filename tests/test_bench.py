@@ -63,3 +63,20 @@ def test_unwritable_output_is_refused(tmp_path: Path) -> None:
     write_json(tmp_path / "ok.json", {"a": 1})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_rank_sweep_fixes_each_rank(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        unipeft.cli.app,
+        ["bench", "rank-sweep", "--output", str(tmp_path), "--ranks", "1,4", "--quick"],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "rank_sweep.json").read_text())["rows"]
+    assert [r["rank"] for r in rows] == [1, 4]
+    assert rows[0]["trainable_fraction"] < rows[1]["trainable_fraction"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "rank_sweep.png").exists()
+    bad = CliRunner().invoke(
+        unipeft.cli.app, ["bench", "rank-sweep", "--output", str(tmp_path), "--ranks", "a"]
+    )
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output

@@ -1,0 +1,116 @@
+"""The text task: VADER word polarity with the pretrained all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..data import PolaritySplit, vader_polarity_split
+from ..zoo import TextClassifier, load_minilm
+from .runner import Task, run_recipes
+from .train import Batch, Recipe, Row
+
+TASK = "text: VADER polarity / all-MiniLM-L6-v2"
+MAX_LENGTH = 16
+
+
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids (with [CLS] and [SEP]) of each text, at most ``MAX_LENGTH`` long."""
+    return tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)["input_ids"]
+
+
+def _collate(ids: Sequence[list[int]], labels: Sequence[int], pad: int) -> Batch:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}, torch.tensor(labels)
+
+
+def make_batches(
+    ids: Sequence[list[int]],
+    labels: Sequence[int],
+    batch_size: int,
+    pad: int,
+    gen: torch.Generator | None = None,
+) -> list[Batch]:
+    """Batches padded to their own longest entry. With ``gen``: shuffled, then sorted by
+    length within windows of 8 batches (little padding, still random), in shuffled order.
+    Without: sorted by length (evaluation)."""
+    n = len(ids)
+    if gen is None:
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    else:
+        perm = torch.randperm(n, generator=gen).tolist()
+        window = 8 * batch_size
+        chunks = []
+        for start in range(0, n, window):
+            part = sorted(perm[start : start + window], key=lambda i: len(ids[i]))
+            chunks += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+    return [_collate([ids[i] for i in c], [labels[i] for i in c], pad) for c in chunks]
+
+
+ALL_PROJECTIONS = ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"]
+
+
+def recipes(quick: bool) -> list[Recipe]:
+    """The rows of the text task. Every method trains 2 epochs; learning rates (and LoRA's
+    targets) were picked by a few runs (see docs/demo.md). ``quick`` trains 1 epoch."""
+    e = 1 if quick else 2
+    return [
+        Recipe("full fine-tuning", "full", lr=2e-4, head_lr=1e-3, epochs=e),
+        Recipe("linear probe", "probe", lr=1e-2, epochs=20 if quick else 60),
+        Recipe("lora", "reparameterized", "lora", targets=ALL_PROJECTIONS, lr=5e-3, epochs=e),
+        Recipe("bottleneck_adapter", "additive", "bottleneck_adapter", lr=3e-3, epochs=e),
+        Recipe("prompt_tuning", "additive", "prompt_tuning", {"num_tokens": 8}, lr=3e-2, epochs=e),
+        Recipe("bitfit", "selective", "bitfit", lr=5e-3, epochs=e),
+        Recipe("unipelt", "hybrid", "unipelt", {"prompt_tokens": 4}, lr=3e-3, epochs=e),
+        Recipe("moe_lora", "moe", "moe_lora", lr=5e-3, epochs=e),
+    ]
+
+
+def build_task(seed: int, quick: bool) -> Task:
+    """The VADER split, tokenised, and a factory of fresh MiniLM classifiers."""
+    split: PolaritySplit = vader_polarity_split(seed)
+    proto, tokenizer = load_minilm()
+    pad = int(tokenizer.pad_token_id)
+    train_x, train_y = encode(tokenizer, split.train_texts), split.train_labels
+    test_x, test_y = encode(tokenizer, split.test_texts), split.test_labels
+    if quick:
+        train_x, train_y = train_x[:256], train_y[:256]
+        test_x, test_y = test_x[:256], test_y[:256]
+    batch = 64
+
+    def train_batches(gen: torch.Generator) -> list[Batch]:
+        return make_batches(train_x, train_y, batch, pad, gen)
+
+    def make() -> TextClassifier:
+        return TextClassifier(copy.deepcopy(proto), int(proto.config.hidden_size), 2)
+
+    return Task(
+        name=TASK,
+        make=make,
+        train_batches=train_batches,
+        test_batches=make_batches(test_x, test_y, 256, pad),
+        probe_batches=make_batches(train_x, train_y, 256, pad),
+    )
+
+
+def run(
+    seed: int,
+    quick: bool,
+    device: torch.device,
+    budget: float,
+    progress: Callable[[str], None],
+    only: Sequence[str] | None = None,
+) -> list[Row]:
+    """Every text recipe (or those named in ``only``) at ``budget``."""
+    chosen = [r for r in recipes(quick) if only is None or r.name in only]
+    return run_recipes(build_task(seed, quick), chosen, seed, device, budget, progress)
