@@ -151,6 +151,17 @@ def test_read_only_output_fails_before_training(
     assert not list(locked.iterdir())
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
+def test_unwritable_folder_fails_before_training_even_for_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import unipeft.demo as demo
+
+    monkeypatch.setattr(demo, "_run_parts", _no_training)
+    with pytest.raises(OutputError, match="not writable"):
+        run_demo("/sys/kernel", quick=True, jobs=1)  # sysfs refuses new files, even to root
+
+
 def test_cli_registers_demo_and_reports_a_bad_output(tmp_path: Path) -> None:
     app = typer.Typer()
     register(app)

@@ -155,4 +155,7 @@ def print_table(rows: Sequence[Row], title: str) -> None:
             f"{r.train_seconds:.1f}",
             f"{r.peak_memory_bytes / 2**20:.0f}",
         )
-    Console(width=160).print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: room for the whole table
+        console = Console(width=160)
+    console.print(table)
