@@ -198,8 +198,8 @@ class ModuleHost:
         the others run on their samples only."""
         routing = self.state.routing
         if routing is None:
-            for att in atts:
-                y = att.delta(self._input_for(att, x), y)
+            for att in atts:  # y is ours: the module's fresh output or a delta's result
+                y = att.delta.update_(self._input_for(att, x), y)
             return y
         if y.shape[0] != len(routing.names):
             raise ValueError(
@@ -233,12 +233,17 @@ class ModuleHost:
         pieces: list[Tensor] = []
         pos = 0
         total = y.shape[dim]
+        in_place = True  # every slice was updated inside y itself: no concatenation needed
         for start, stop in sorted(sliced):
             if start > pos:
                 pieces.append(y.narrow(dim, pos, start - pos))
             part = y.narrow(dim, start, stop - start)
-            pieces.append(self.run_group(sliced[(start, stop)], x, part))
+            new = self.run_group(sliced[(start, stop)], x, part)
+            in_place = in_place and new is part
+            pieces.append(new)
             pos = stop
+        if in_place:
+            return y
         if pos < total:
             pieces.append(y.narrow(dim, pos, total - pos))
         return torch.cat(pieces, dim=dim)

@@ -63,6 +63,20 @@ class DeltaModule(nn.Module):
     def forward(self, x: Tensor | None, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
+        """Like ``self(x, y)``, but the delta may write its result into ``y`` and return it.
+
+        Hosts call this with an output they own (nothing else holds it), so deltas that can
+        accumulate in place (e.g. LoRA's ``addmm_`` when no gradient is needed) skip an
+        allocation and a copy. The default calls the module."""
+        return self(x, y)
+
+    @staticmethod
+    def link(attachments: list) -> None:
+        """Called once with one adapter's attachments of this class, after they are attached,
+        so a class can coordinate work between its sites (LoRA computes one ``x @ A`` for
+        projections that read the same input). The default does nothing."""
+
     def tokens(self, batch_size: int) -> Tensor:
         """Soft tokens ``(batch_size, P, D)`` for a sequence site."""
         raise TypeError(f"{type(self).__name__} does not provide tokens")

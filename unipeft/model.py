@@ -223,6 +223,8 @@ class DeltaModel(nn.Module):
                 self._host_add(att)
                 done.append(att)
             self.deltas[adapter_name] = nn.ModuleDict(built)
+            for cls in {type(a.delta) for a in attachments}:
+                cls.link([a for a in attachments if type(a.delta) is cls])
             if first:
                 for p in self.base_model.parameters():
                     p.requires_grad_(False)

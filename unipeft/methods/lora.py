@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from typing import Literal
 
 import torch
@@ -47,6 +49,7 @@ class LoraDelta(ReparameterizedDelta):
         self.A = nn.Parameter(torch.empty(r, shape.in_features, *shape.kernel_size))
         self.B = nn.Parameter(torch.zeros(shape.out_features, r))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._shared: SharedDown | None = None  # set by link(); not a submodule
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         elif init == "gaussian":
@@ -58,15 +61,57 @@ class LoraDelta(ReparameterizedDelta):
         w = self.B @ self.A.reshape(self.r, -1)
         return (w * self.scaling).reshape(self.shape.out_features, *self.A.shape[1:])
 
+    def down(self, x: Tensor) -> Tensor:
+        """``dropout(x) A^T``: ``(..., r)``. Taken from the adapter's shared projection when
+        another site read the same ``x`` first (see :class:`SharedDown`)."""
+        shared = self._shared
+        if shared is not None and not (self.training and isinstance(self.dropout, nn.Dropout)):
+            return shared.down(self, x)
+        h = self.dropout(x)
+        return F.linear(h, self.A.to(h.dtype))
+
     def forward(self, x: Tensor | None, y: Tensor) -> Tensor:
         assert x is not None
-        h = self.dropout(x)
         if self.shape.is_conv:
-            h = self.shape.project(h, self.A.to(h.dtype))
+            h = self.shape.project(self.dropout(x), self.A.to(x.dtype))
             b = self.B.to(h.dtype).reshape(*self.B.shape, *([1] * len(self.shape.kernel_size)))
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape.kernel_size) - 1]
             return y + conv(h, b) * self.scaling
-        return y + F.linear(F.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype)) * self.scaling
+        return add_low_rank(y, self.down(x), self.B, self.scaling)
+
+    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
+        if self.shape.is_conv or x is None:
+            return self(x, y)
+        h = self.down(x)
+        grad = torch.is_grad_enabled() and (
+            y.requires_grad or h.requires_grad or self.B.requires_grad
+        )
+        return add_low_rank(y, h, self.B, self.scaling, inplace=not grad)
+
+    @staticmethod
+    def link(attachments: list) -> None:
+        """Projections of one adapter that read the same input share one ``x @ A``.
+
+        Candidates: the slices of one fused projection, and per layer the q/k/v projections
+        and the gate/up projections. Sharing is checked on every call (the same tensor
+        object, unchanged), so a candidate that gets another input computes its own."""
+        groups: dict[tuple, list[LoraDelta]] = {}
+        for att in attachments:
+            site, delta = att.site, att.delta
+            if not isinstance(delta, LoraDelta) or delta.shape.is_conv or site.entry is not None:
+                continue
+            if site.out_slice is not None:
+                key: tuple = ("fused", id(site.module))
+            elif site.layer is not None and site.role in _SHARED_ROLES:
+                key = (_SHARED_ROLES[site.role], site.tower, site.layer)
+            else:
+                continue
+            groups.setdefault((*key, delta.shape.in_features), []).append(delta)
+        for members in groups.values():
+            if len(members) > 1:
+                shared = SharedDown(members)
+                for d in members:
+                    d._shared = shared
 
     @staticmethod
     def mixed(
@@ -76,7 +121,8 @@ class LoraDelta(ReparameterizedDelta):
 
         Factors are padded to the largest rank and stacked, with a zero slot for samples
         without an adapter here: ``A`` ``(k+1, r, in)``, ``B·s`` ``(k+1, out, r)``; each
-        sample gathers its pair. Stacks are reused while no factor changed.
+        sample gathers its pair. Stacks are reused while no factor changed. Without
+        gradients the second matmul accumulates into ``y`` in place.
         """
         if x is None or any(d.shape.is_conv for d in deltas):
             return None
@@ -85,8 +131,101 @@ class LoraDelta(ReparameterizedDelta):
         a, b = _stacked(deltas, cache)
         n = x.shape[0]
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.to(x.dtype)[slots].transpose(1, 2))
-        out = torch.bmm(h, b.to(x.dtype)[slots].transpose(1, 2))
-        return y + out.reshape(y.shape)
+        bt = b.to(y.dtype)[slots].transpose(1, 2)
+        grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad)
+        y3 = _view(y, (n, -1, y.shape[-1]))
+        if not grad and y3 is not None:
+            y3.baddbmm_(h.to(y.dtype), bt)
+            return y
+        return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h.to(y.dtype), bt).reshape(y.shape)
+
+
+_SHARED_ROLES = {"attn.q": "attn_in", "attn.k": "attn_in", "attn.v": "attn_in"}
+_SHARED_ROLES.update({"mlp.gate": "mlp_in", "mlp.up": "mlp_in"})
+
+
+class SharedDown:
+    """One ``x @ [A_1; A_2; ...]^T`` for LoRA deltas of one adapter that read the same ``x``.
+
+    The first member called with a given input computes the projection for all of them;
+    the others take their columns as long as they are called with the very same tensor
+    (same object, unchanged) in the same grad mode and no ``A`` changed in between. The
+    result is held only until every member has taken its part.
+    """
+
+    def __init__(self, members: list[LoraDelta], ranks: list[int] | None = None) -> None:
+        self.members = members
+        self.ranks = ranks if ranks is not None else [d.r for d in members]
+        self.offsets = [sum(self.ranks[:i]) for i in range(len(self.ranks))]
+        self._x: weakref.ref[Tensor] | None = None
+        self._key: tuple = ()
+        self._h: Tensor | None = None
+        self._taken: set[int] = set()
+
+    def __deepcopy__(self, memo: dict) -> SharedDown:
+        # a copy shares nothing with this forward pass (the members may be half-built here)
+        return SharedDown([copy.deepcopy(m, memo) for m in self.members], list(self.ranks))
+
+    def __getstate__(self) -> dict:
+        return {"members": self.members, "ranks": self.ranks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"], state["ranks"])  # type: ignore[misc]
+
+    def down(self, delta: LoraDelta, x: Tensor) -> Tensor:
+        i = next(j for j, m in enumerate(self.members) if m is delta)
+        key = (
+            x._version,
+            x.dtype,
+            torch.is_grad_enabled(),
+            tuple(m.A._version for m in self.members),
+        )
+        h = self._h
+        if (
+            h is None
+            or self._x is None
+            or self._x() is not x
+            or self._key != key
+            or i in self._taken
+        ):
+            a = torch.cat([m.A for m in self.members])
+            h = F.linear(x, a.to(x.dtype))
+            self._x, self._key, self._h, self._taken = weakref.ref(x), key, h, set()
+        self._taken.add(i)
+        if len(self._taken) == len(self.members):
+            self.clear()
+        return h.narrow(-1, self.offsets[i], self.ranks[i])
+
+    def clear(self) -> None:
+        self._x, self._h, self._key, self._taken = None, None, (), set()
+
+
+def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """``t.view(shape)`` when that is possible without a copy, else ``None``."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return None
+
+
+def add_low_rank(
+    y: Tensor, h: Tensor, B: Tensor, scaling: float, *, inplace: bool = False
+) -> Tensor:
+    """``y + scaling · h B^T`` as one fused multiply-add (``addmm``).
+
+    ``inplace`` writes into ``y`` (and returns it) when ``y`` can be viewed as a matrix;
+    only for callers that own ``y`` and need no gradient through it. Autograd's ``addmm``
+    keeps only ``h`` and ``B`` for backward and folds ``scaling`` into the small matmuls.
+    """
+    out_features = y.shape[-1]
+    h2 = h.reshape(-1, h.shape[-1]).to(y.dtype)
+    bt = B.to(y.dtype).t()
+    if inplace:
+        y2 = _view(y, (-1, out_features))
+        if y2 is not None:
+            y2.addmm_(h2, bt, alpha=scaling)
+            return y
+    return torch.addmm(y.reshape(-1, out_features), h2, bt, alpha=scaling).view(y.shape)
 
 
 def _stacked(deltas: list[LoraDelta], cache: dict) -> tuple[Tensor, Tensor]:

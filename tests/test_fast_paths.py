@@ -1,0 +1,260 @@
+"""The fast paths compute exactly what the plain path computes.
+
+- ``add_low_rank``: ``y + s · h B^T`` as one ``addmm`` (in place without gradients);
+- ``SharedDown``: one ``x @ [A_q; A_k; A_v]^T`` for projections that read the same input;
+- fused projections (timm ``qkv``, GPT-2 ``c_attn``, MHA ``in_proj``) updated slice by slice
+  inside the module's output, without a concatenation;
+- mixed batches accumulated in place.
+
+Each is compared with the plain formula, or with the same model whose sharing is switched
+off, on outputs and on every gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unipeft
+from unipeft.methods import lora as lora_mod
+from unipeft.methods.lora import LoraDelta, SharedDown, add_low_rank
+from unipeft.testing.backbones import BACKBONES
+from unipeft.testing.invariants import perturb
+
+ALL_LINEAR = {
+    "llama": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.gate", "mlp.up", "mlp.down"],
+    "bert": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
+    "gpt2": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
+    "timm_vit": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
+    "open_clip": ["attn.q", "attn.k", "attn.v", "attn.out"],
+}
+
+
+def _plain(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    return y + F.linear(h, b) * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_low_rank_equals_the_plain_formula(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 5, 12, generator=gen).to(dtype)
+    h = torch.randn(3, 5, 4, generator=gen).to(dtype)
+    b = torch.randn(12, 4, generator=gen).to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    expected = _plain(y.float(), h.float(), b.float(), 0.5)
+    out = add_low_rank(y, h, b, 0.5)
+    assert out.shape == y.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, **tol)
+    y_before = y.clone()
+    assert torch.equal(y, y_before)  # out of place by default
+    same = add_low_rank(y, h, b, 0.5, inplace=True)
+    assert same is y  # written into y
+    torch.testing.assert_close(y.float(), expected, **tol)
+
+
+def test_add_low_rank_in_place_on_a_slice_of_a_fused_output() -> None:
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(2, 7, 3 * 8, generator=gen)
+    untouched = fused.clone()
+    part = fused.narrow(-1, 8, 8)  # the k slice: strided, not contiguous
+    h, b = torch.randn(2, 7, 3, generator=gen), torch.randn(8, 3, generator=gen)
+    expected = _plain(part.clone(), h, b, 2.0)
+    assert add_low_rank(part, h, b, 2.0, inplace=True) is part
+    torch.testing.assert_close(fused[..., 8:16], expected)
+    assert torch.equal(fused[..., :8], untouched[..., :8])
+    assert torch.equal(fused[..., 16:], untouched[..., 16:])
+
+
+def test_add_low_rank_gradients_equal_the_plain_formula() -> None:
+    gen = torch.Generator().manual_seed(2)
+    leaves = [torch.randn(*s, generator=gen, requires_grad=True) for s in [(4, 6), (4, 3), (6, 3)]]
+    y, h, b = leaves
+    grad_out = torch.randn(4, 6, generator=gen)
+    (add_low_rank(y, h, b, 0.7) * grad_out).sum().backward()
+    fast = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (_plain(y, h, b, 0.7) * grad_out).sum().backward()
+    for f, t in zip(fast, leaves):
+        torch.testing.assert_close(f, t.grad)
+
+
+def _pair(name: str, seed: int = 0) -> tuple[unipeft.DeltaModel, unipeft.DeltaModel]:
+    """The same LoRA twice: with shared down-projections, and with sharing switched off."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(seed)  # A's initialisation draws from the global generator
+        model = unipeft.apply(BACKBONES[name].make(), "lora", r=3, targets=ALL_LINEAR[name])
+        perturb(model, seed=seed)
+        models.append(model)
+    fast, plain = models
+    for d in plain.modules():
+        if isinstance(d, LoraDelta):
+            d._shared = None
+    return fast, plain
+
+
+def _groups(model: torch.nn.Module) -> set[int]:
+    return {id(d._shared) for d in model.modules() if isinstance(d, LoraDelta) and d._shared}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LINEAR))
+def test_shared_down_projection_equals_separate_ones(name: str) -> None:
+    fast, plain = _pair(name)
+    assert _groups(fast), "no projections were found to share an input"
+    assert not _groups(plain)
+    bb = BACKBONES[name]
+    inputs = bb.sample(seed=3)
+    with torch.no_grad():  # the in-place inference path
+        torch.testing.assert_close(bb.run(fast, inputs), bb.run(plain, inputs))
+    # gradients in float64: fp32 rounding differences (the order of a matmul's sums) are
+    # amplified through the tiny random models; in float64 both paths agree to 1e-12
+    fast.double().train()
+    plain.double().train()
+    inputs = bb.sample(seed=3, dtype=torch.float64)
+    bb.run(fast, inputs).square().sum().backward()
+    bb.run(plain, inputs).square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, n
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-10, rtol=1e-9)
+
+
+def test_shared_down_projection_runs_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, _ = _pair("llama")
+    calls: list[int] = []
+    real = SharedDown.down
+
+    def counting(self: SharedDown, delta: LoraDelta, x: torch.Tensor) -> torch.Tensor:
+        before = self._h
+        out = real(self, delta, x)
+        calls.append(int(before is None))
+        return out
+
+    monkeypatch.setattr(SharedDown, "down", counting)
+    bb = BACKBONES["llama"]
+    with torch.no_grad():
+        bb.run(fast, bb.sample())
+    groups = len(_groups(fast))
+    assert groups == 2 * 2  # q/k/v and gate/up in each of the two layers
+    assert len(calls) == 2 * 5  # every member asked
+    assert sum(calls) == groups  # one projection computed per group
+    shared = [d._shared for d in fast.modules() if isinstance(d, LoraDelta) and d._shared]
+    assert all(s._h is None for s in shared)  # nothing held once every member took its part
+
+
+def test_a_member_called_with_another_input_computes_its_own() -> None:
+    fast, _ = _pair("llama")
+    layer = fast.base_model.layers[0].self_attn
+    q = layer.q_proj
+    k = layer.k_proj
+    gen = torch.Generator().manual_seed(4)
+    x1, x2 = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)
+    dq = fast.deltas["default"]["layers__0:attn__q"]
+    dk = fast.deltas["default"]["layers__0:attn__k"]
+    with torch.no_grad():
+        yq = q(x1)
+        yk = k(x2)  # not the tensor q saw
+        expected_k = F.linear(x2, k.weight) + F.linear(F.linear(x2, dk.A), dk.B) * dk.scaling
+        expected_q = F.linear(x1, q.weight) + F.linear(F.linear(x1, dq.A), dq.B) * dq.scaling
+    torch.testing.assert_close(yk, expected_k)
+    torch.testing.assert_close(yq, expected_q)
+
+
+def test_a_changed_factor_is_not_served_from_the_cache() -> None:
+    fast, _ = _pair("llama")
+    layer = fast.base_model.layers[0].self_attn
+    d = fast.deltas["default"]["layers__0:attn__k"]
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        layer.q_proj(x)  # computes the group's projection for q, k and v
+        d.A.mul_(2.0)  # k's A changes before k runs
+        out = layer.k_proj(x)
+        expected = F.linear(x, layer.k_proj.weight) + d.scaling * F.linear(F.linear(x, d.A), d.B)
+    torch.testing.assert_close(out, expected)
+
+
+def test_dropout_in_training_does_not_share() -> None:
+    model = unipeft.apply(
+        BACKBONES["llama"].make(), "lora", r=2, dropout=0.5, targets=ALL_LINEAR["llama"]
+    )
+    model.train()
+    group = next(d._shared for d in model.modules() if isinstance(d, LoraDelta))
+    assert group is not None
+    bb = BACKBONES["llama"]
+    bb.run(model, bb.sample()).sum().backward()
+    assert group._h is None  # never used: each projection drew its own dropout mask
+
+
+def test_deltas_with_shared_projections_copy_and_pickle() -> None:
+    fast, _ = _pair("timm_vit")
+    x = torch.randn(2, 5, 32)
+    members = next(d._shared.members for d in fast.modules() if isinstance(d, LoraDelta))
+    with torch.no_grad():
+        expected = [m(x, torch.zeros(2, 5, 32)) for m in members]
+    for clone in (copy.deepcopy(fast.deltas), pickle.loads(pickle.dumps(fast.deltas))):
+        groups = _groups(clone)
+        assert groups and not groups & _groups(fast)  # the copy has groups of its own
+        for d in clone.modules():
+            if isinstance(d, LoraDelta) and d._shared is not None:
+                assert any(m is d for m in d._shared.members)
+        copies = next(d._shared.members for d in clone.modules() if isinstance(d, LoraDelta))
+        with torch.no_grad():
+            for m, e in zip(copies, expected):
+                torch.testing.assert_close(m(x, torch.zeros(2, 5, 32)), e)
+
+
+def test_mixed_batch_in_place_equals_per_sample_forwards() -> None:
+    bb = BACKBONES["llama"]
+    model = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"], adapter_name="a")
+    model.add_adapter("b", "lora", r=4, targets=["attn.q", "mlp.down"])
+    perturb(model, seed=5, adapter="a")
+    perturb(model, seed=6, adapter="b")
+    inputs = bb.sample(seed=7)
+    names = ["b", "a"]
+    with torch.no_grad():
+        with model.mixed_batch(names):
+            mixed = bb.outputs(model, inputs)[0]
+        rows = []
+        for i, n in enumerate(names):
+            model.set_active(n)
+            one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
+            rows.append(bb.outputs(model, one)[0])
+    torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_and_mixture_children_are_not_updated_in_place() -> None:
+    """UniPELT and MoE-LoRA compute ``child(x, y) - y``: the child must not write into y."""
+    for method, kw in (("unipelt", {"prompt_tokens": 0}), ("moe_lora", {})):
+        bb = BACKBONES["bert"]
+        model = unipeft.apply(bb.make(), method, **kw)
+        perturb(model, seed=8)
+        inputs = bb.sample()
+        with torch.no_grad():
+            a = bb.run(model, inputs)
+        b = bb.run(model, inputs)  # with gradients: every step out of place
+        torch.testing.assert_close(a, b.detach())
+        with model.disable(), torch.no_grad():
+            assert not torch.allclose(bb.run(model, inputs), a)
+
+
+def test_lora_module_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmerged forward issues one addmm per site instead of matmul, scale and add."""
+    seen: list[str] = []
+    real = torch.addmm
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append("addmm")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_mod.torch, "addmm", spy)
+    model = unipeft.apply(BACKBONES["bert"].make(), "lora", r=2, targets=["attn.q", "attn.v"])
+    model.train()
+    bb = BACKBONES["bert"]
+    bb.run(model, bb.sample())
+    assert len(seen) == 2 * 2  # two sites in each of two layers
