@@ -9,9 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_errors, fail
+from . import cli_errors, fail, warn
 
-bench_app = typer.Typer(no_args_is_help=True, help="The survey's experiments (JSON + PNG).")
+bench_app = typer.Typer(
+    no_args_is_help=True,
+    help="The survey's experiments (JSON + PNG), and unipeft against Hugging Face PEFT.",
+)
 _console = Console()
 
 
@@ -164,3 +167,107 @@ def rank_sweep_cmd(
             f"{r['train_seconds']:.1f}",
         )
     _console.print(table)
+
+
+@bench_app.command("perf")
+def perf_cmd(
+    quick: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick/--full",
+            help="CPU-sized models (--quick) or the 0.85B Llama and ViT-B-16 (--full); "
+            "default: --full with CUDA, --quick without",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu)")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="write every figure to this JSON file")
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(min=1, help="timed rounds per figure (default: 10 full, 7 quick)"),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(min=1, help="--full only: fewer Llama layers, for a smoke test"),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU intra-op threads (default on the CPU: 1)"),
+    ] = None,
+) -> None:
+    """unipeft and Hugging Face PEFT side by side: training step, memory, inference,
+    merges, mixed batches, open_clip attention, apply time; ratios and targets."""
+    import dataclasses
+
+    import torch
+
+    from ..bench import check_writable, perf, write_json
+
+    with cli_errors():
+        perf.require_peft()
+        if device not in (None, "cpu", "cuda"):
+            raise fail(f"--device {device!r}: use cpu or cuda")
+        if output is not None:
+            if output.is_dir():
+                raise fail(f"--output {output} is a folder; give the JSON file's name")
+            check_writable(output.parent if str(output.parent) else Path("."))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        warn(
+            "CUDA is not available on this machine, so the GPU figures cannot be measured "
+            "here; measuring the quick CPU figures instead"
+        )
+        dev, quick = "cpu", True
+    if quick is None:
+        quick = dev == "cpu"
+    if quick:
+        cfg = perf.quick_config(dev, repeats=repeats)
+    else:
+        cfg = perf.full_config(dev, layers=layers, repeats=repeats)
+    cfg = dataclasses.replace(cfg, threads=threads)
+    result = perf.run_perf(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
+    if output is not None:
+        write_json(output, result)
+    _print_perf(result)
+    if output is not None:
+        _console.print(f"figures written to {output}")
+
+
+def _print_perf(result: dict) -> None:
+    from ..bench.perf import report_sections
+
+    env, cfg = result["environment"], result["config"]
+    _console.print(
+        f"[bold]unipeft {env['unipeft']} vs peft {env['peft']}[/] on {env['device_name']} "
+        f"({cfg['profile']} configuration, {cfg['dtype']}, torch {env['torch']}, "
+        f"CPU threads: {cfg['threads']}); {cfg['statistic']}"
+    )
+    styles = {"met": "[green]met[/]", "missed": "[red]missed[/]", "n/a": "[yellow]n/a[/]"}
+    for section in report_sections(result):
+        table = Table(title=section.title, title_justify="left", title_style="bold")
+        table.add_column("figure")
+        ref = f"÷ {section.ref} (ours / peft)" if section.ref else ""
+        for col in ("unipeft", "peft", "÷ peft", ref, "target"):
+            table.add_column(col, justify="right")
+        table.add_column("")
+        for r in section.rows:
+            table.add_row(
+                r.figure, r.unipeft, r.peft, r.ratio, r.to_ref, r.target, styles.get(r.met, r.met)
+            )
+        _console.print(table)
+    for note in result["notes"]:
+        _console.print(f"[dim]note: {note}[/]")
+    for fig in result["figures"].values():
+        if "note" in fig:
+            _console.print(f"[yellow]note: {fig['note']}[/]")
+    counts = {
+        k: sum(1 for t in result["targets"] if t["met"] is v)
+        for k, v in (("met", True), ("missed", False), ("n/a", None))
+    }
+    _console.print(
+        f"targets: [green]{counts['met']} met[/], [red]{counts['missed']} missed[/]"
+        + (f", [yellow]{counts['n/a']} not measured[/]" if counts["n/a"] else "")
+    )
