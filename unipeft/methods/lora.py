@@ -65,7 +65,11 @@ class LoraDelta(ReparameterizedDelta):
         """``dropout(x) A^T``: ``(..., r)``. Taken from the adapter's shared projection when
         another site read the same ``x`` first (see :class:`SharedDown`)."""
         shared = self._shared
-        if shared is not None and not (self.training and isinstance(self.dropout, nn.Dropout)):
+        if (
+            shared is not None
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            and not torch.compiler.is_compiling()  # the compiler fuses on its own
+        ):
             return shared.down(self, x)
         h = self.dropout(x)
         return F.linear(h, self.A.to(h.dtype))
