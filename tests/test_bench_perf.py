@@ -78,7 +78,8 @@ EXPECTED = {
 
 
 def test_result_layout(result: dict[str, Any]) -> None:
-    assert set(result) == {"environment", "config", "figures", "targets", "notes"}
+    assert set(result) == {"environment", "config", "figures", "targets", "notes", "host_ms"}
+    assert result["host_ms"] is None  # only CUDA runs time the host apart
     env = result["environment"]
     for key in ("torch", "transformers", "peft", "unipeft", "device_name", "cpu_count"):
         assert env[key], key
@@ -252,3 +253,22 @@ def test_unwritable_output_fails_before_measuring(
     assert result.exit_code == 2 and "is a folder" in result.output
     result = _cli("--quick", "--device", "tpu")
     assert result.exit_code == 2 and "use cpu or cuda" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_measures_memory_and_host_time() -> None:
+    out = perf.run_perf(tiny_config(device="cuda", minilm=False))
+    figs = out["figures"]
+    assert out["config"]["dtype"] == "bfloat16"
+    floor = figs["train_step_floor"]["peak_gib"]
+    assert floor > 0 and figs["train_step_full"]["peak_gib"] > floor
+    lora = figs["train_step_lora_all_linear"]
+    assert lora["unipeft_peak_gib"] > 0 and lora["peft_peak_gib"] > 0
+    assert lora["unipeft_peak_to_floor"] == pytest.approx(lora["unipeft_peak_gib"] / floor)
+    assert (
+        lora["agreement_native_dtype"]["max_abs_diff"]
+        < 0.1 * (lora["agreement"]["lora_effect_max_abs"])
+    )
+    assert set(out["host_ms"]) >= {"llama_train_step", "llama_inference", "open_clip"}
+    assert all(v > 0 for section in out["host_ms"].values() for v in section.values())

@@ -253,37 +253,53 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _run_once(fn: Callable[[], Any], device: str) -> float:
-    """Seconds one call of ``fn`` takes (CUDA events on the GPU, perf_counter on the CPU)."""
+def _run_once(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """Seconds one call of ``fn`` takes (CUDA events on the GPU, perf_counter on the CPU),
+    and seconds until the call returned to Python (on CUDA, before the synchronize: when
+    that is as long as the device time, the host's launches set the pace)."""
     if device == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         fn()
         end.record()
+        host = time.perf_counter() - t0
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
+        return start.elapsed_time(end) / 1000, host
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    return elapsed, elapsed
 
 
 def time_interleaved(
-    variants: dict[str, Callable[[], Any]], *, device: str, warmup: int, repeats: int
+    variants: dict[str, Callable[[], Any]],
+    *,
+    device: str,
+    warmup: int,
+    repeats: int,
+    host: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds per call of each variant. Every round calls each variant once,
     starting one variant later than the round before, so slow drift and ordering effects
-    fall on every variant alike."""
+    fall on every variant alike. ``host`` receives the median milliseconds until each call
+    returned to Python."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
+    returned: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_run_once(variants[name], device))
+            elapsed, back = _run_once(variants[name], device)
+            times[name].append(elapsed)
+            returned[name].append(back)
+    if host is not None:
+        host.update({name: 1000 * median(ts) for name, ts in returned.items()})
     return {name: 1000 * median(ts) for name, ts in times.items()}
 
 
@@ -609,7 +625,9 @@ def _input_grad_hook(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
 # ============================================================================== sections
 
 
-def _train_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
+def _train_section(
+    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """Training step and peak memory of every variant, interleaved."""
     dev = cfg.device
     models: dict[str, nn.Module] = {}
@@ -660,7 +678,13 @@ def _train_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[
         steps[name] = _train_step(model, opts[name], work)
 
     progress(f"{work.name}: timing {len(steps)} training-step variants")
-    ms = time_interleaved(steps, device=dev, warmup=cfg.warmup, repeats=cfg.repeats)
+    ms = time_interleaved(
+        steps,
+        device=dev,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        host=host.setdefault(f"{work.name}_train_step", {}),
+    )
     peak: dict[str, int | None] = dict.fromkeys(steps)
     if dev == "cuda":
         for name, step in steps.items():
@@ -781,7 +805,9 @@ def _train_figures(
     return figs
 
 
-def _inference_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
+def _inference_section(
+    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """Base, LoRA unmerged and merged (both libraries), and the time a merge takes."""
     dev = cfg.device
     base = copy.deepcopy(work.model).eval()
@@ -828,6 +854,7 @@ def _inference_section(work: Workload, cfg: PerfConfig, progress: Progress) -> d
         device=dev,
         warmup=cfg.warmup,
         repeats=cfg.repeats,
+        host=host.setdefault(f"{work.name}_inference", {}),
     )
     del base, u_un, p_un, u_m, p_m
     _free(dev)
@@ -857,7 +884,9 @@ def _inference_section(work: Workload, cfg: PerfConfig, progress: Progress) -> d
     return figs
 
 
-def _mixed_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
+def _mixed_section(
+    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """``cfg.adapters`` LoRA adapters loaded; sample ``i`` uses adapter ``i``."""
     dev = cfg.device
     names = [f"a{i}" for i in range(cfg.adapters)]
@@ -897,6 +926,7 @@ def _mixed_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[
         device=dev,
         warmup=cfg.warmup,
         repeats=cfg.repeats,
+        host=host.setdefault(f"{work.name}_mixed_batch", {}),
     )
     del um, pm
     _free(dev)
@@ -944,7 +974,9 @@ def _clip_tower(cfg: PerfConfig) -> tuple[nn.Module, dict[str, Any]]:
     return tower, {"model": label, "source": source, "batch": cfg.clip_batch}
 
 
-def _clip_section(cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
+def _clip_section(
+    cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """LoRA on the image tower's attention (q, k, v slices of in_proj, and out_proj)."""
     dev = cfg.device
     base, describe = _clip_tower(cfg)
@@ -992,7 +1024,13 @@ def _clip_section(cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
     if pm is not None:
         variants["peft"] = forward(pm)
     progress(f"open_clip: timing the image tower at batch {cfg.clip_batch}")
-    ms = time_interleaved(variants, device=dev, warmup=cfg.warmup, repeats=cfg.repeats)
+    ms = time_interleaved(
+        variants,
+        device=dev,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        host=host.setdefault("open_clip", {}),
+    )
     fig = {
         "what": "open_clip image tower, LoRA r=16 on attention q, k, v (slices of the MHA's "
         "in_proj) and out_proj, no_grad forward vs the plain tower",
@@ -1015,7 +1053,9 @@ def _clip_section(cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
     return {"open_clip_mha_lora": fig}
 
 
-def _apply_section(work: Workload, cfg: PerfConfig, progress: Progress) -> dict[str, Any]:
+def _apply_section(
+    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """unipeft.apply vs peft.get_peft_model on fresh copies of the big model."""
     dev = cfg.device
     progress(f"{work.name}: timing apply ({cfg.apply_repeats} fresh copies each)")
@@ -1084,9 +1124,14 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def _measure(
-    cfg: PerfConfig, say: Progress, figures: dict[str, Any], notes: list[str]
+    cfg: PerfConfig,
+    say: Progress,
+    figures: dict[str, Any],
+    notes: list[str],
+    host: dict[str, dict[str, float]],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run the sections of ``cfg`` into ``figures``; the descriptions of the models."""
+    """Run the sections of ``cfg`` into ``figures`` (host-side times into ``host``);
+    return the descriptions of the models."""
     with _quiet():
         described: dict[str, Any] = {}
         llama_sections = {
@@ -1100,7 +1145,7 @@ def _measure(
             llama = _llama_workload(cfg)
             for name, section in llama_sections.items():
                 if name in cfg.sections:
-                    figures.update(section(llama, cfg, say))
+                    figures.update(section(llama, cfg, say, host))
             described = llama.describe
             del llama
             _free(cfg.device)
@@ -1112,11 +1157,11 @@ def _measure(
                 notes.append(f"MiniLM figures skipped: {type(exc).__name__}: {exc}")
             else:
                 minilm_info = minilm.describe
-                figures.update(_train_section(minilm, cfg, say))
+                figures.update(_train_section(minilm, cfg, say, host))
                 del minilm
                 _free(cfg.device)
         if "open_clip" in cfg.sections:
-            figures.update(_clip_section(cfg, say))
+            figures.update(_clip_section(cfg, say, host))
     return described, minilm_info
 
 
@@ -1126,6 +1171,7 @@ def run_perf(cfg: PerfConfig, progress: Progress | None = None) -> dict[str, Any
     say = progress or (lambda _msg: None)
     figures: dict[str, Any] = {}
     notes: list[str] = []
+    host: dict[str, dict[str, float]] = {}
     previous_threads = torch.get_num_threads()
     threads = cfg.threads or (1 if cfg.device == "cpu" else None)
     if threads is not None:
@@ -1137,7 +1183,7 @@ def run_perf(cfg: PerfConfig, progress: Progress | None = None) -> dict[str, Any
             "threads wait on each other and single runs swing by 10x or more"
         )
     try:
-        models = _measure(cfg, say, figures, notes)
+        models = _measure(cfg, say, figures, notes, host)
     finally:
         torch.set_num_threads(previous_threads)
     described, minilm_info = models
@@ -1154,7 +1200,11 @@ def run_perf(cfg: PerfConfig, progress: Progress | None = None) -> dict[str, Any
         "weights in fp32 on a bf16 model (the all-linear training step is also measured with "
         "autocast_adapter_dtype=False)",
         timer="torch.cuda.Event + synchronize" if cfg.device == "cuda" else "time.perf_counter",
-        statistic=f"median of {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up rounds",
+        host_ms="on CUDA, per section and variant: median ms until a call returned to Python, "
+        "before the synchronize; close to the device time when the host's kernel launches set "
+        "the pace or the call waits on the device inside",
+        statistic=f"median of {cfg.repeats} interleaved rounds after {cfg.warmup} warm-up "
+        + ("round" if cfg.warmup == 1 else "rounds"),
     )
     return {
         "environment": environment(cfg.device),
@@ -1162,6 +1212,8 @@ def run_perf(cfg: PerfConfig, progress: Progress | None = None) -> dict[str, Any
         "figures": figures,
         "targets": _check_targets(cfg.profile, figures),
         "notes": notes,
+        # on the CPU a call's time is all host time: only CUDA runs report it apart
+        "host_ms": host if cfg.device == "cuda" else None,
     }
 
 
@@ -1242,7 +1294,7 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
         )
 
     def agreement(diff: float) -> Row:
-        return Row("  max |Δ output| vs peft", f"{diff:.1e}")
+        return Row("  max |Δ output|", f"{diff:.1e}")
 
     sections: list[Section] = []
     for pre, model in (("", "Llama"), ("minilm_", "MiniLM")):
@@ -1279,7 +1331,7 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
             if "peft_native_dtype_ms" in f:
                 rows.append(
                     Row(
-                        "  peft autocast_adapter_dtype=False",
+                        "  peft, autocast off",
                         _ms(f["unipeft_ms"]),
                         _ms(f["peft_native_dtype_ms"]),
                         _x(f["unipeft_to_peft_native_dtype"]),
