@@ -285,3 +285,13 @@ def test_torch_compile_traces_the_adapted_model_in_one_graph(name: str) -> None:
     for n, p in fast.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(compiled_grads[n], p.grad, atol=1e-10, rtol=1e-9)
+
+
+def test_shared_projection_under_inference_mode() -> None:
+    fast, plain = _pair("llama")
+    bb = BACKBONES["llama"]
+    inputs = bb.sample(seed=10)
+    with torch.inference_mode():
+        got = bb.run(fast, inputs)
+        expected = bb.run(plain, inputs)
+    torch.testing.assert_close(got, expected)

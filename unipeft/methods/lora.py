@@ -179,7 +179,7 @@ class SharedDown:
     def down(self, delta: LoraDelta, x: Tensor) -> Tensor:
         i = next(j for j, m in enumerate(self.members) if m is delta)
         key = (
-            x._version,
+            None if x.is_inference() else x._version,  # inference tensors have no counter
             x.dtype,
             torch.is_grad_enabled(),
             tuple(m.A._version for m in self.members),
