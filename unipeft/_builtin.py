@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 from .hookspecs import hookimpl
 from .maps.builtin import BUILTIN_MAPS
-from .methods import bitfit, bottleneck_adapter, lora, moe_lora, prompt_tuning, unipelt
+from .methods import bitfit, bottleneck_adapter, dora, lora, moe_lora, prompt_tuning, unipelt
 
 
 @hookimpl
 def register_methods(register: Callable) -> None:
-    for module in (lora, bottleneck_adapter, prompt_tuning, bitfit, unipelt, moe_lora):
+    for module in (lora, dora, bottleneck_adapter, prompt_tuning, bitfit, unipelt, moe_lora):
         register(module.METHOD)
 
 

@@ -1,0 +1,217 @@
+"""DoRA: a LoRA update with the weight's row norms replaced by a learned magnitude.
+
+Liu et al., 2024. The adapted weight of a projection is
+
+    W' = m ⊙ (W + s·B A) / ‖W + s·B A‖        (one norm per output channel: its row of W,
+                                                over the input and kernel dimensions)
+
+with ``m`` ``(out,)`` initialised to ``‖W‖`` and ``B`` to zero, so the adapter starts as the
+identity. As in the paper (§4.3) the norm is treated as a constant in backward.
+
+The norm is computed without forming ``B A`` (``out × in``): for row ``i``,
+
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + Σ_k B_ik (2s·(W Aᵀ)_ik + s²·(B (A Aᵀ))_ik)
+
+which reads ``W`` twice (for ``W Aᵀ``, ``out × r``, and ``‖W_i‖²``) and costs ``O(out · r²)``
+more, in float32 (or the weight's dtype when wider). The frozen weight is read live from the
+backbone at every call, so the norm always follows the weight as it is stored, including
+other adapters merged into it (the merge ledger writes through ``.data``, which no version
+counter sees, so a cached ``‖W_i‖²`` could not tell).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from .._merge import views
+from ..config import DeltaConfig
+from ..delta import ProjectionShape, ReparameterizedDelta
+from ..registry import Method
+from ..sites import ModuleSite, Site
+
+
+class DoraConfig(DeltaConfig):
+    r: int = Field(8, ge=1, le=4096, description="rank of the direction update B A")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: B A is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of A")
+    use_rslora: bool = Field(
+        False, description="rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023)"
+    )
+    init: Literal["kaiming", "gaussian", "orthogonal"] = Field(
+        "kaiming",
+        description="init of A; B starts at zero and the magnitude at the weight's row norms, "
+        "so the adapter is the identity at init",
+    )
+
+
+class DoraDelta(ReparameterizedDelta):
+    """``g ⊙ (y - b + s · B A dropout(x)) + b`` with ``g = m / ‖W + s·B A‖`` (detached norm).
+
+    ``A``: ``(r, in, *kernel)``, ``B``: ``(out, r)``, ``magnitude``: ``(out,)``. The base
+    weight and bias are read through the site (a plain attribute, so the state dict holds
+    only the three parameters).
+    """
+
+    def __init__(
+        self,
+        site: ModuleSite,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        shape = ProjectionShape.of(site)
+        super().__init__(shape)
+        self.site = site  # not a module, parameter or buffer: nothing of it is saved
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.A = nn.Parameter(torch.empty(r, shape.in_features, *shape.kernel_size))
+        self.B = nn.Parameter(torch.zeros(shape.out_features, r))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / r)
+        else:
+            nn.init.orthogonal_(self.A.view(r, -1))
+        weight, _ = self.base()
+        if weight.shape[0] != shape.out_features:
+            raise ValueError(
+                f"site {site.name!r}: its weight has {weight.shape[0]} output rows but the "
+                f"site's output has {shape.out_features} channels"
+            )
+        with torch.no_grad():  # B = 0: the norm is the weight's own (A is not needed)
+            norm = _finish(_row_squares(weight.reshape(weight.shape[0], -1)))
+        self.magnitude = nn.Parameter(norm.to(weight.dtype))
+
+    # ------------------------------------------------------------------ the base weight
+
+    def base(self) -> tuple[Tensor, Tensor | None]:
+        """The site's frozen ``(weight, bias)``: canonical ``(out, in, *kernel)`` views of the
+        backbone's live tensors, restricted to the site's slice."""
+        return views(self.site)
+
+    @torch.no_grad()
+    def weight_norm(self, weight: Tensor) -> Tensor:
+        """``‖W_i + s(BA)_i‖`` for every output channel ``i`` of ``weight``, without forming
+        ``B A``. Float32, or the weight's dtype when wider; never tracked by autograd."""
+        out = weight.shape[0]
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        w = weight.reshape(out, -1)
+        a = self.A.detach().reshape(self.r, -1)
+        b = self.B.detach().to(dtype)
+        if w.dtype == dtype:
+            wa = w @ a.to(dtype).t()
+        elif w.is_cuda:  # half-precision weight: accumulate and return in float32, no copy of W
+            wa = torch.mm(w, a.to(w.dtype).t(), out_dtype=dtype)
+        else:
+            wa = w.to(dtype) @ a.to(dtype).t()
+        a = a.to(dtype)
+        s = self.scaling
+        # t = 2s·W Aᵀ + s²·B (A Aᵀ);  ‖·‖² = ‖W_i‖² + Σ_k B_ik t_ik
+        t = torch.addmm(wa, b, a @ a.t(), beta=2.0 * s, alpha=s * s)
+        return _finish(_row_squares(w).add_(torch.linalg.vecdot(t, b)))
+
+    def _gain(self, weight: Tensor) -> Tensor:
+        """``g = m / ‖W + s·B A‖`` ``(out,)`` in float32 (or wider): differentiable in ``m``
+        only."""
+        norm = self.weight_norm(weight)
+        return self.magnitude.to(norm.dtype) / norm
+
+    # ------------------------------------------------------------------ forward / merge
+
+    def forward(self, x: Tensor | None, y: Tensor) -> Tensor:
+        assert x is not None
+        weight, bias = self.base()
+        g = self._gain(weight).to(y.dtype)
+        h = self.dropout(x)
+        a = self.A.to(h.dtype)
+        b = self.B.to(h.dtype)
+        if self.shape.is_conv:
+            k = len(self.shape.kernel_size)
+            u = self.shape.project(h, a)
+            up = (F.conv1d, F.conv2d, F.conv3d)[k - 1](u, b.reshape(*b.shape, *([1] * k)))
+            z = torch.add(y, up.to(y.dtype), alpha=self.scaling)
+            g = g.reshape(-1, *([1] * k))  # channels are dim 1: (out, 1, ..., 1) broadcasts
+        else:
+            u = F.linear(h, a).reshape(-1, self.r)
+            # y + s·(x Aᵀ) Bᵀ in one kernel; y (possibly a slice of a fused output) is read
+            # in place and never modified
+            z = torch.addmm(
+                y.reshape(-1, y.shape[-1]), u.to(y.dtype), b.t().to(y.dtype), alpha=self.scaling
+            ).reshape(y.shape)
+        if bias is None:
+            return z * g
+        # g ⊙ (z - b) + b  =  z ⊙ g + (1 - g) ⊙ b: one fused kernel on the big tensor
+        c = torch.addcmul(bias.to(y.dtype), g.reshape(-1), bias.to(y.dtype), value=-1.0)
+        return torch.addcmul(c.reshape(g.shape), z, g)
+
+    def _adapted(self, weight: Tensor) -> Tensor:
+        """``g ⊙ (W + s·B A)`` ``(out, in·k)`` for ``weight``, in float32 (or wider)."""
+        g = self._gain(weight)
+        dtype = g.dtype
+        ba = self.B.detach().to(dtype) @ self.A.detach().to(dtype).reshape(self.r, -1)
+        w = torch.add(weight.reshape(weight.shape[0], -1).to(dtype), ba, alpha=self.scaling)
+        return w.mul_(g.detach()[:, None])
+
+    def merged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(g ⊙ (W + s·B A), b)`` for the ``weight`` given (the norm is that weight's)."""
+        with torch.no_grad():
+            new = self._adapted(weight)
+        return new.reshape(weight.shape).to(weight.dtype), bias
+
+    def delta_weight(self) -> Tensor:
+        """``W' - W`` ``(out, in, *kernel)`` for the site's current weight, in the dtype of the
+        parameters. Read it while the adapter is not merged: merged, the weight already holds
+        ``W'``."""
+        weight, _ = self.base()
+        with torch.no_grad():
+            new = self._adapted(weight)
+            delta = new.sub_(weight.reshape(weight.shape[0], -1).to(new.dtype))
+        return delta.reshape(weight.shape).to(self.A.dtype)
+
+
+def _row_squares(w: Tensor) -> Tensor:
+    """``‖w_i‖²`` of every row of ``w`` ``(out, n)``, accumulated in float32 or wider."""
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    return torch.linalg.vector_norm(w, dim=1, dtype=dtype).square_()
+
+
+def _finish(squares: Tensor) -> Tensor:
+    """Norms from squared norms; a row that is exactly zero gets a tiny norm, not 0/0."""
+    return squares.clamp_min_(torch.finfo(squares.dtype).tiny).sqrt_()
+
+
+def _build(cfg: DoraConfig, site: Site) -> DoraDelta:
+    assert isinstance(site, ModuleSite)
+    return DoraDelta(site, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+
+
+def _count(cfg: DoraConfig, site: Site) -> int:
+    shape = ProjectionShape.of(site)
+    d_out = shape.out_features
+    return cfg.r * (shape.in_features * math.prod(shape.kernel_size) + d_out) + d_out
+
+
+METHOD = Method(
+    id="dora",
+    family="reparameterized",
+    config=DoraConfig,
+    build=_build,
+    num_parameters=_count,
+    formula="r · (d_in · k + d_out) + d_out per projection (k: kernel elements, 1 for Linear)",
+    site_kinds=("projection",),
+    default_targets=("attn.q", "attn.v"),
+    budget_field="r",
+    mergeable=True,
+    identity_at_init=True,
+    paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, 2024, arXiv:2402.09353",
+    summary="LoRA on the direction of each weight row plus a learned magnitude; mergeable",
+)
