@@ -130,12 +130,21 @@ class ModuleHost:
         self._entry_handles: dict[int, RemovableHandle] = {}
         self._captured: dict[int, Tensor | None] = {}
         self._stack_cache: dict[str, Any] = {}  # batched deltas keep stacked weights here
+        self._transposed = _fusable_layout(module)
+        self._overriding = False  # the module's forward is self._forward (no output hook)
 
     # --------------------------------------------------------------- bookkeeping
     def add(self, att: Attachment) -> None:
         self.attachments.append(att)
-        if self.hook and not self._handles:
-            self._handles.append(self.module.register_forward_hook(self._hook, with_kwargs=True))
+        if self.hook and not self._handles and not self._overriding:
+            if self._transposed is not None and "forward" not in self.module.__dict__:
+                # an instance attribute, deleted with the last attachment; with no hook the
+                # module keeps PyTorch's fast call path
+                self.module.forward = self._forward
+                self._overriding = True
+            else:
+                hook = self.module.register_forward_hook(self._hook, with_kwargs=True)
+                self._handles.append(hook)
         entry = getattr(att.site, "entry", None)
         if entry is not None and id(entry) not in self._entry_handles:
             key = id(entry)
@@ -156,6 +165,10 @@ class ModuleHost:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            if self._overriding:
+                if self.module.__dict__.get("forward") == self._forward:
+                    del self.module.forward
+                self._overriding = False
 
     @property
     def empty(self) -> bool:
@@ -165,6 +178,37 @@ class ModuleHost:
         return [a for a in self.attachments if not a.merged and self.state.runs(a.adapter)]
 
     # --------------------------------------------------------------- forward
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward while it has attachments (Linear and GPT-2 Conv1D only),
+        in place of an output hook: when exactly one delta runs here and it can compute
+        the whole output in one step (:meth:`DeltaModule.fused_linear`), it does;
+        otherwise the module's own forward runs and the deltas act on its output."""
+        m = self.module
+        att = self._single_running()
+        if att is not None and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            assert self._transposed is not None
+            out = att.delta.fused_linear(args[0], m.weight, m.bias, self._transposed)
+            if out is not None:
+                return out
+        output = type(m).forward(m, *args, **kwargs)
+        new = self._hook(m, args, kwargs, output)
+        return output if new is None else new
+
+    def _single_running(self) -> Attachment | None:
+        state = self.state
+        if state.routing is not None or not state.enabled:
+            return None
+        found = None
+        for att in self.attachments:
+            if att.merged or att.adapter not in state.active:
+                continue
+            if found is not None:
+                return None
+            found = att
+        if found is None or found.site.out_slice is not None or found.site.entry is not None:
+            return None
+        return found
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         running = self.running()
         if not running:
@@ -251,6 +295,16 @@ class ModuleHost:
     def _input_for(self, att: Attachment, x: Tensor | None) -> Tensor | None:
         entry = att.site.entry
         return x if entry is None else self._captured.get(id(entry))
+
+
+def _fusable_layout(module: nn.Module) -> bool | None:
+    """``False`` for an ``nn.Linear`` (weight ``(out, in)``), ``True`` for a GPT-2
+    ``Conv1D`` (weight ``(in, out)``), ``None`` for modules whose forward is not replaced."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+        return True
+    return None
 
 
 class MHAHost:

@@ -71,6 +71,15 @@ class DeltaModule(nn.Module):
         allocation and a copy. The default calls the module."""
         return self(x, y)
 
+    def fused_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
+    ) -> Tensor | None:
+        """The whole output of a Linear (or GPT-2 ``Conv1D`` when ``transposed``: ``weight``
+        is ``(in, out)``) with this delta, computed in one step; ``None`` (the default)
+        lets the module run and the delta act on its output. A host uses it only when this
+        delta is the only one running on the module."""
+        return None
+
     @staticmethod
     def link(attachments: list) -> None:
         """Called once with one adapter's attachments of this class, after they are attached,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,32 @@ class LoraDelta(ReparameterizedDelta):
         )
         return add_low_rank(y, h, self.B, self.scaling, inplace=not grad)
 
+    def fused_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
+    ) -> Tensor | None:
+        """The site's whole output ``x W^T + b + s · x A^T B^T`` in one step (see
+        :meth:`DeltaModule.fused_linear`). With gradients: one autograd node that keeps
+        ``x``, ``x A^T`` and the factors, and accumulates the input gradient of the base
+        and of the low-rank path in one buffer. Without: the plain kernels, the low-rank
+        part added in place."""
+        if self.shape.is_conv or (self.training and isinstance(self.dropout, nn.Dropout)):
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None  # autocast picks the dtypes of the matmuls; the hook path follows it
+        a, b = self.A, self.B
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or a.requires_grad or b.requires_grad or weight.requires_grad
+        )
+        if grad:
+            return _LoraLinear.apply(x, weight, bias, a, b, self.scaling, transposed)
+        x2 = x.reshape(-1, x.shape[-1])
+        wt = weight if transposed else weight.t()
+        y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
+        y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     @staticmethod
     def link(attachments: list) -> None:
         """Projections of one adapter that read the same input share one ``x @ A``.
@@ -142,6 +168,57 @@ class LoraDelta(ReparameterizedDelta):
             y3.baddbmm_(h.to(y.dtype), bt)
             return y
         return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h.to(y.dtype), bt).reshape(y.shape)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``y = x W^T + b + s · (x A^T) B^T`` (``W`` stored ``(in, out)`` when ``transposed``).
+
+    Saves ``x`` (as a view), ``h = x A^T`` and the weights: no activation copy. Backward
+    runs five matmuls and adds the low-rank input gradient into the base's in place;
+    gradients of the base weight and bias are computed only when they require it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        scaling: float,
+        transposed: bool,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        wt = weight if transposed else weight.t()
+        y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
+        h = torch.mm(x2, a.t())
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, weight, a, b)
+        ctx.scaling, ctx.transposed, ctx.x_shape = scaling, transposed, x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, h, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh = torch.mm(dy2, b * s) if (need_x or need_a) else None
+        dx = dw = dbias = da = db = None
+        if need_x:
+            dx = torch.mm(dy2, weight.t() if ctx.transposed else weight)
+            dx.addmm_(dh, a)
+            dx = dx.view(ctx.x_shape)
+        if need_w:
+            dw = torch.mm(x2.t(), dy2) if ctx.transposed else torch.mm(dy2.t(), x2)
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        if need_a:
+            da = torch.mm(dh.t(), x2)
+        if need_b:
+            db = torch.mm(dy2.t(), h).mul_(s)
+        return dx, dw, dbias, da, db, None, None
 
 
 _SHARED_ROLES = {"attn.q": "attn_in", "attn.k": "attn_in", "attn.v": "attn_in"}
