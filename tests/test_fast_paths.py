@@ -149,8 +149,7 @@ def test_shared_down_projection_runs_once_per_group(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(SharedDown, "down", counting)
     bb = BACKBONES["timm_vit"]
-    with torch.no_grad():
-        bb.run(fast, bb.sample())
+    bb.run(fast, bb.sample())  # with gradients the slices run one by one
     groups = len(_groups(fast))
     assert groups == 2  # the qkv of each of the two blocks
     assert len(calls) == 2 * 3  # every member asked
@@ -387,3 +386,134 @@ def test_calling_forward_directly_does_not_confuse_the_hook() -> None:
         called = q(x)
     torch.testing.assert_close(direct, called)
     assert not torch.allclose(called, F.linear(x, q.weight))
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "gpt2", "open_clip"])
+def test_fused_output_block_update_equals_slice_by_slice(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without gradients, all q/k/v slices of a fused projection take one block matmul."""
+    fast, plain = _pair(name)
+    calls: list[int] = []
+    real = lora_mod.update_fused_slices
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(lora_mod, "update_fused_slices", counting)
+    bb = BACKBONES[name]
+    inputs = bb.sample(seed=15)
+    with torch.no_grad():
+        got = bb.run(fast, inputs)
+        got_again = bb.run(fast, inputs)  # the stacked factors are reused
+        assert calls and all(calls)  # every fused output took the block path
+        expected = bb.run(plain, inputs)  # no shared group: slice by slice
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_again, got)
+    # a factor changed in place is seen at once
+    d = next(m for m in fast.modules() if isinstance(m, LoraDelta) and m._shared)
+    name_of_d = next(n for n, m in fast.named_modules() if m is d)
+    p = dict(plain.named_modules())[name_of_d]
+    with torch.no_grad():
+        d.B.mul_(3.0)
+        p.B.mul_(3.0)
+        torch.testing.assert_close(
+            bb.run(fast, inputs), bb.run(plain, inputs), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_fused_backward_scaling_and_gradients_on_a_linear() -> None:
+    """The fused node's gradients equal autograd's on the plain formula (float64)."""
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    leaves = [x, w, b, a, bb]
+    g = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    (lora_mod._LoraLinear.apply(x, w, b, a, bb, 0.75, False) * g).sum().backward()
+    fused = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ref = F.linear(x, w, b) + 0.75 * F.linear(F.linear(x, a), bb)
+    (ref * g).sum().backward()
+    for f, t in zip(fused, leaves):
+        torch.testing.assert_close(f, t.grad, atol=1e-12, rtol=1e-12)
+    # GPT-2 Conv1D layout: the weight stored (in, out)
+    for t in leaves:
+        t.grad = None
+    wt = w.detach().t().contiguous().requires_grad_(True)
+    (lora_mod._LoraLinear.apply(x, wt, b, a, bb, 0.75, True) * g).sum().backward()
+    torch.testing.assert_close(wt.grad, fused[1].t(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, fused[0], atol=1e-12, rtol=1e-12)
+
+
+def test_masked_mixed_batch_follows_factor_changes_and_base_samples() -> None:
+    bb = BACKBONES["llama"]
+    model = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"], adapter_name="a")
+    model.add_adapter("b", "lora", r=4, targets=ALL_LINEAR["llama"])
+    perturb(model, seed=17, adapter="a")
+    perturb(model, seed=18, adapter="b")
+    inputs = bb.sample(seed=19)
+    names = ["b", "__base__"]
+
+    def expected() -> list[torch.Tensor]:
+        rows = []
+        for i, n in enumerate(names):
+            one = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in inputs.items()}
+            if n == "__base__":
+                with model.disable():
+                    rows.append(bb.outputs(model, one)[0])
+            else:
+                model.set_active(n)
+                rows.append(bb.outputs(model, one)[0])
+        return rows
+
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the routing, its mask and the stacks
+            with model.mixed_batch(names):
+                got = bb.outputs(model, inputs)[0]
+            for i, row in enumerate(expected()):
+                torch.testing.assert_close(
+                    got[i : i + 1, : row.shape[1]], row, atol=1e-5, rtol=1e-4
+                )
+        next(iter(model.deltas["b"].values())).B.mul_(-2.0)  # seen by the next mixed call
+        with model.mixed_batch(names):
+            got = bb.outputs(model, inputs)[0]
+        torch.testing.assert_close(got[:1], expected()[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "timm_vit", "open_clip"])
+def test_fast_paths_on_cuda_match_the_cpu(name: str) -> None:
+    """Fused Linear node (training and inference), block slices and masked mixed batches
+    on the GPU give the CPU's values and gradients (fp32)."""
+    bb = BACKBONES[name]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(20)
+        m = unipeft.apply(bb.make(), "lora", r=3, targets=ALL_LINEAR[name], adapter_name="a")
+        m.add_adapter("b", "lora", r=2, targets=ALL_LINEAR[name])
+        perturb(m, seed=21, adapter="a")
+        perturb(m, seed=22, adapter="b")
+        models.append(m)
+    cpu, gpu = models[0], models[1].cuda()
+    inputs = bb.sample(seed=23)
+    to_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    tol = {"atol": 2e-4, "rtol": 2e-4}
+    with torch.no_grad():
+        torch.testing.assert_close(bb.run(gpu, to_gpu).cpu(), bb.run(cpu, inputs), **tol)
+        with cpu.mixed_batch(["b", "a"]), gpu.mixed_batch(["b", "a"]):
+            torch.testing.assert_close(bb.run(gpu, to_gpu).cpu(), bb.run(cpu, inputs), **tol)
+    cpu.train()
+    gpu.train()
+    bb.run(cpu, inputs).square().sum().backward()
+    bb.run(gpu, to_gpu).square().sum().backward()
+    grads = dict(cpu.named_parameters())
+    for n, p in gpu.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            torch.testing.assert_close(p.grad.cpu(), grads[n].grad, atol=2e-3, rtol=2e-2)

@@ -231,10 +231,28 @@ class ModuleHost:
             (sliced.setdefault(s, []) if s is not None else whole).append(att)
         if sliced:
             dim = running[0].site.channel_dim
-            y = self._apply_slices(sliced, x, y, dim)
+            done = self.try_update_slices(running, x, y) if not whole else None
+            y = done if done is not None else self._apply_slices(sliced, x, y, dim)
         if whole:
             y = self.run_group(whole, x, y)
         return y
+
+    def try_update_slices(
+        self, running: list[Attachment], x: Tensor | None, y: Tensor
+    ) -> Tensor | None:
+        """One call for every slice of a fused output when a single delta class runs one
+        delta per slice and can batch them (:meth:`DeltaModule.update_slices`)."""
+        if x is None or self.state.routing is not None or len(running) < 2:
+            return None
+        cls = type(running[0].delta)
+        if cls.update_slices is DeltaModule.update_slices:
+            return None
+        slices = [a.site.out_slice for a in running]
+        if None in slices or len(set(slices)) != len(slices) or running[0].site.channel_dim != -1:
+            return None
+        if any(type(a.delta) is not cls or a.site.entry is not None for a in running):
+            return None
+        return cls.update_slices([a.delta for a in running], slices, x, y)  # type: ignore[arg-type]
 
     def run_group(self, atts: list[Attachment], x: Tensor | None, y: Tensor) -> Tensor:
         """Apply ``atts`` (all on the same output slice) in turn, or per sample group in a
@@ -420,6 +438,10 @@ class MHAHost:
             by_slice.setdefault(att.site.out_slice[0] // e, []).append(att)
         if query is key and key is value:
             qkv = F.linear(query, w, b)
+            done = self.projections.try_update_slices(running, query, qkv)
+            if done is not None:  # every slice updated inside qkv at once
+                q, k, v = done.chunk(3, dim=-1)
+                return q, k, v
             parts = list(qkv.chunk(3, dim=-1))
             inputs = (query, query, query)
         else:

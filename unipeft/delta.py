@@ -81,6 +81,14 @@ class DeltaModule(nn.Module):
         return None
 
     @staticmethod
+    def update_slices(
+        deltas: list[DeltaModule], slices: list[tuple[int, int]], x: Tensor, y: Tensor
+    ) -> Tensor | None:
+        """Apply ``deltas`` (one per slice of a fused output ``y``, channels last) at once,
+        possibly into ``y``; ``None`` (the default) applies them slice by slice."""
+        return None
+
+    @staticmethod
     def link(attachments: list) -> None:
         """Called once with one adapter's attachments of this class, after they are attached,
         so a class can coordinate work between its sites (LoRA computes one ``x @ A`` for

@@ -412,7 +412,14 @@ class DeltaModel(nn.Module):
             self._adapter(n)
         if self.merged_adapters:
             raise MergeError("unmerge() before running a mixed batch: merged weights are shared")
-        return Routing.of(names)
+        # the same list of names gets the same Routing, so what deltas derive from it (sample
+        # slots, masks) is computed once, not on every call; a few recent lists are kept
+        cache = self.__dict__.setdefault("_routings", {})
+        routing = cache.pop(names, None) or Routing.of(names)
+        cache[names] = routing
+        while len(cache) > 8:
+            cache.pop(next(iter(cache)))
+        return routing
 
     @property
     def merged_adapters(self) -> list[str]:

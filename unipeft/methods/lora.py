@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -115,8 +116,15 @@ class LoraDelta(ReparameterizedDelta):
         x2 = x.reshape(-1, x.shape[-1])
         wt = weight if transposed else weight.t()
         y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
-        y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling)
+        h = self.down(x) if self._shared is not None else F.linear(x, a)
+        y.addmm_(h.reshape(-1, self.r), b.t(), alpha=self.scaling)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def update_slices(
+        deltas: list, slices: list[tuple[int, int]], x: Tensor, y: Tensor
+    ) -> Tensor | None:
+        return update_fused_slices(deltas, slices, x, y)
 
     @staticmethod
     def link(attachments: list) -> None:
@@ -158,6 +166,10 @@ class LoraDelta(ReparameterizedDelta):
             return None
         if any(d.training and isinstance(d.dropout, nn.Dropout) for d in deltas):
             return None  # dropout differs per adapter; the per-group path applies each one
+        if not torch.is_grad_enabled():
+            out = _mixed_masked(deltas, x, y, slots, cache)
+            if out is not None:
+                return out
         a, b = _stacked(deltas, cache)
         n = x.shape[0]
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.to(x.dtype)[slots].transpose(1, 2))
@@ -204,7 +216,9 @@ class _LoraLinear(torch.autograd.Function):
         s = ctx.scaling
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = torch.mm(dy2, b * s) if (need_x or need_a) else None
+        # s folded into the matmuls (beta=0: the empty input is ignored): no scaling kernels
+        none = dy2.new_empty(())
+        dh = torch.addmm(none, dy2, b, beta=0, alpha=s) if (need_x or need_a) else None
         dx = dw = dbias = da = db = None
         if need_x:
             dx = torch.mm(dy2, weight.t() if ctx.transposed else weight)
@@ -217,7 +231,7 @@ class _LoraLinear(torch.autograd.Function):
         if need_a:
             da = torch.mm(dh.t(), x2)
         if need_b:
-            db = torch.mm(dy2.t(), h).mul_(s)
+            db = torch.addmm(none, dy2.t(), h, beta=0, alpha=s)
         return dx, dw, dbias, da, db, None, None
 
 
@@ -242,6 +256,37 @@ class SharedDown:
         self._key: tuple = ()
         self._h: Tensor | None = None
         self._taken: set[int] = set()
+        self._frozen: dict[str, tuple[tuple, Tensor]] = {}  # stacks reused without gradients
+
+    def _reuse(self, name: str, key: tuple, build: Callable[[], Tensor]) -> Tensor:
+        """``build()``, kept under ``name`` while ``key`` holds when no gradient is needed."""
+        if torch.is_grad_enabled():
+            return build()
+        old = self._frozen.get(name)
+        if old is not None and old[0] == key:
+            return old[1]
+        value = build()
+        self._frozen[name] = (key, value)
+        return value
+
+    def stacked_a(self, dtype: torch.dtype) -> Tensor:
+        """``[A_1; A_2; ...]`` ``(Σr, in)`` in ``dtype``."""
+        key = (dtype, *((id(m.A), m.A._version) for m in self.members))
+        return self._reuse("A", key, lambda: torch.cat([m.A for m in self.members]).to(dtype))
+
+    def block_b(self, slices: list[tuple[int, int]], width: int, dtype: torch.dtype) -> Tensor:
+        """``(width, Σr)``: member i's ``s_i B_i`` in rows ``slices[i]`` and its own
+        columns, zeros elsewhere, so one matmul updates every slice of a fused output."""
+        key = (dtype, width, tuple(slices), *((id(m.B), m.B._version) for m in self.members))
+
+        def build() -> Tensor:
+            first = self.members[0].B
+            out = torch.zeros(width, sum(self.ranks), dtype=dtype, device=first.device)
+            for m, (start, stop), off in zip(self.members, slices, self.offsets):
+                out[start:stop, off : off + m.r] = m.B.to(dtype) * m.scaling
+            return out
+
+        return self._reuse("B", key, build)
 
     def __deepcopy__(self, memo: dict) -> SharedDown:
         # a copy shares nothing with this forward pass (the members may be half-built here)
@@ -269,8 +314,7 @@ class SharedDown:
             or self._key != key
             or i in self._taken
         ):
-            a = torch.cat([m.A for m in self.members])
-            h = F.linear(x, a.to(x.dtype))
+            h = F.linear(x, self.stacked_a(x.dtype))
             self._x, self._key, self._h, self._taken = weakref.ref(x), key, h, set()
         self._taken.add(i)
         if len(self._taken) == len(self.members):
@@ -279,6 +323,33 @@ class SharedDown:
 
     def clear(self) -> None:
         self._x, self._h, self._key, self._taken = None, None, (), set()
+
+
+def update_fused_slices(
+    deltas: list[LoraDelta], slices: list[tuple[int, int]], x: Tensor, y: Tensor
+) -> Tensor | None:
+    """All slices of a fused projection (timm ``qkv``, GPT-2 ``c_attn``, MHA ``in_proj``)
+    in two matmuls, without gradients: ``h = x [A_1; ...]^T`` and ``y += h B_block^T``
+    into ``y`` itself. ``None`` unless ``deltas`` are exactly one shared group."""
+    shared = deltas[0]._shared
+    if (
+        shared is None
+        or torch.is_grad_enabled()
+        or len(shared.members) != len(deltas)
+        or any(d.training and isinstance(d.dropout, nn.Dropout) for d in deltas)
+    ):
+        return None
+    where = {id(d): sl for d, sl in zip(deltas, slices)}
+    if any(id(m) not in where for m in shared.members):
+        return None
+    slices = [where[id(m)] for m in shared.members]  # in the group's column order
+    width = y.shape[-1]
+    y2 = _view(y, (-1, width))
+    if y2 is None:
+        return None
+    h = F.linear(x, shared.stacked_a(x.dtype)).reshape(-1, sum(shared.ranks))
+    y2.addmm_(h.to(y.dtype), shared.block_b(slices, width, y.dtype).t())
+    return y
 
 
 def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor | None:
@@ -307,6 +378,40 @@ def add_low_rank(
             y2.addmm_(h2, bt, alpha=scaling)
             return y
     return torch.addmm(y.reshape(-1, out_features), h2, bt, alpha=scaling).view(y.shape)
+
+
+def _mixed_masked(
+    deltas: list[LoraDelta], x: Tensor, y: Tensor, slots: Tensor, cache: dict
+) -> Tensor | None:
+    """A mixed batch without gradients in three kernels and no per-sample gather: every
+    adapter's ``x A_j^T`` at once (``(…, Σr)``), the columns of other adapters zeroed per
+    sample, and one ``addmm_`` with every ``s_j B_j`` side by side. Used while ``Σr`` is
+    small (the zeroed columns are wasted work)."""
+    total = sum(d.r for d in deltas)
+    width = y.shape[-1]
+    n = x.shape[0]
+    y2 = _view(y, (-1, width))
+    if total > 512 or y2 is None or y.shape[0] != n:
+        return None
+    key = tuple((id(d.A), d.A._version, id(d.B), d.B._version) for d in deltas)
+    stack = cache.get("masked")
+    if stack is None or stack[0] != key or stack[1].dtype != x.dtype:
+        a = torch.cat([d.A for d in deltas]).to(x.dtype)
+        b = torch.cat([d.B * d.scaling for d in deltas], dim=1).to(y.dtype)
+        owner = torch.repeat_interleave(
+            torch.arange(len(deltas), device=slots.device),
+            torch.tensor([d.r for d in deltas], device=slots.device),
+        )
+        stack = cache["masked"] = (key, a, b, owner, {})
+    _, a, b, owner, masks = stack
+    ref = masks.get("slots")
+    if ref is None or ref[0]() is not slots:  # one mask per routing (the model keeps those)
+        masks["slots"] = (weakref.ref(slots), (slots.unsqueeze(1) == owner).to(x.dtype))
+    mask = masks["slots"][1]
+    h = F.linear(x, a).view(n, -1, total)
+    h.mul_(mask.unsqueeze(1))
+    y2.addmm_(h.view(-1, total).to(y.dtype), b.t())
+    return y
 
 
 def _stacked(deltas: list[LoraDelta], cache: dict) -> tuple[Tensor, Tensor]:
