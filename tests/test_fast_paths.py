@@ -451,7 +451,28 @@ def test_fused_backward_scaling_and_gradients_on_a_linear() -> None:
     torch.testing.assert_close(x.grad, fused[0], atol=1e-12, rtol=1e-12)
 
 
-def test_masked_mixed_batch_follows_factor_changes_and_base_samples() -> None:
+def test_masked_mixed_batch_follows_factor_changes_and_base_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bool] = []
+    real = lora_mod._mixed_masked
+
+    def on_cpu_too(deltas, x, y, slots, cache):  # type: ignore[no-untyped-def]
+        out = real(deltas, x, y, slots, cache)
+        calls.append(out is not None)
+        return out
+
+    # the masked path runs on GPUs; take it on the CPU here to check its values
+    monkeypatch.setattr(lora_mod, "_mixed_masked", on_cpu_too)
+    monkeypatch.setattr(
+        LoraDelta,
+        "mixed",
+        staticmethod(
+            lambda deltas, x, y, slots, cache: (
+                on_cpu_too(deltas, x, y, slots, cache) if not torch.is_grad_enabled() else None
+            )
+        ),
+    )
     bb = BACKBONES["llama"]
     model = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"], adapter_name="a")
     model.add_adapter("b", "lora", r=4, targets=ALL_LINEAR["llama"])
@@ -484,6 +505,7 @@ def test_masked_mixed_batch_follows_factor_changes_and_base_samples() -> None:
         with model.mixed_batch(names):
             got = bb.outputs(model, inputs)[0]
         torch.testing.assert_close(got[:1], expected()[0], atol=1e-5, rtol=1e-4)
+    assert calls and all(calls)
 
 
 @pytest.mark.gpu

@@ -166,7 +166,9 @@ class LoraDelta(ReparameterizedDelta):
             return None
         if any(d.training and isinstance(d.dropout, nn.Dropout) for d in deltas):
             return None  # dropout differs per adapter; the per-group path applies each one
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and x.device.type != "cpu":
+            # on a GPU kernel launches cost more than the masked columns' arithmetic; on the
+            # CPU the arithmetic dominates, so the per-sample gather below is cheaper there
             out = _mixed_masked(deltas, x, y, slots, cache)
             if out is not None:
                 return out
@@ -385,8 +387,8 @@ def _mixed_masked(
 ) -> Tensor | None:
     """A mixed batch without gradients in three kernels and no per-sample gather: every
     adapter's ``x A_j^T`` at once (``(…, Σr)``), the columns of other adapters zeroed per
-    sample, and one ``addmm_`` with every ``s_j B_j`` side by side. Used while ``Σr`` is
-    small (the zeroed columns are wasted work)."""
+    sample, and one ``addmm_`` with every ``s_j B_j`` side by side. Used on GPUs while
+    ``Σr`` is small (the zeroed columns are wasted work)."""
     total = sum(d.r for d in deltas)
     width = y.shape[-1]
     n = x.shape[0]
