@@ -496,3 +496,50 @@ def test_cuda_bf16_norm_and_forward_match_cpu(name: str) -> None:
             {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
         )
         torch.testing.assert_close(merged.float(), unmerged.float(), **mtol)
+
+
+def test_frozen_weight_norm_is_cached_until_the_weight_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """‖W‖² of the frozen weight is computed once, and again only after the weight changes
+    in place (here: by hand under no_grad, and by merging another adapter into it)."""
+    from unipeft.methods import dora as dora_mod
+    from unipeft.testing.backbones import BACKBONES
+    from unipeft.testing.invariants import perturb
+
+    calls: list[int] = []
+    real = dora_mod._row_squares
+
+    def counting(w: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return real(w)
+
+    monkeypatch.setattr(dora_mod, "_row_squares", counting)
+    bb = BACKBONES["llama"]
+    model = unipeft.apply(bb.make(), "dora", r=2, targets=["attn.q"], adapter_name="d")
+    model.add_adapter("l", "lora", r=2, targets=["attn.q"])
+    perturb(model, seed=3)
+    perturb(model, seed=4, adapter="l")
+    sites = 2  # attn.q in each of the two layers
+    inputs = bb.sample()
+    calls.clear()  # building the adapter computed the initial magnitudes
+    with torch.no_grad():
+        first = bb.run(model, inputs)
+        assert len(calls) == sites
+        assert torch.equal(bb.run(model, inputs), first)
+        assert len(calls) == sites  # served from the cache
+        q = model.base_model.layers[0].self_attn.q_proj
+        q.weight.mul_(1.5)  # an in-place update moves the version counter
+        changed = bb.run(model, inputs)
+        assert len(calls) == sites + 1 and not torch.equal(changed, first)
+        q.weight.div_(1.5)
+        calls.clear()
+        model.set_active(["d", "l"])
+        model.merge("l")  # written through .data; the ledger bumps the version
+        merged = bb.run(model, inputs)
+        assert len(calls) == sites
+        model.unmerge("l")
+        unmerged = bb.run(model, inputs)
+        assert len(calls) == 2 * sites
+    # with "l" merged, DoRA's norm covers W + ΔW_l, so the two forwards differ
+    assert not torch.allclose(merged, unmerged)

@@ -121,6 +121,12 @@ class MergeLedger:
                 weight, bias_view = views(site)
             assert bias_view is not None
             bias_view.copy_(new_b.to(bias_view.dtype))
+        # writes through .data leave the parameters' version counters alone; bump them so
+        # that anything cached from these weights (DoRA's ‖W‖²) sees the change
+        for name in (rec.weight_name, rec.bias_name):
+            param = getattr(module, name, None)
+            if isinstance(param, Tensor):
+                torch.autograd.graph.increment_version(param)
         if not rec.merged:
             if rec.created_bias:
                 del module._parameters[rec.bias_name]

@@ -99,9 +99,27 @@ class DoraDelta(ReparameterizedDelta):
         return views(self.site)
 
     @torch.no_grad()
-    def weight_norm(self, weight: Tensor) -> Tensor:
+    def _live_squares(self, weight: Tensor) -> Tensor:
+        """``‖W_i‖²`` of the site's live weight, cached while the backbone's parameter is
+        unchanged: its version counter moves with every in-place update (optimizer steps,
+        ``load_state_dict``, and unipeft's merges, which bump it explicitly)."""
+        if torch.compiler.is_compiling():  # a traced graph recomputes it; no Python cache
+            return _row_squares(weight.reshape(weight.shape[0], -1))
+        param = self.site.parameter("weight")
+        assert param is not None
+        key = (param.data_ptr(), param._version, weight.data_ptr(), tuple(weight.shape))
+        cached = self.__dict__.get("_squares")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        squares = _row_squares(weight.reshape(weight.shape[0], -1))
+        self.__dict__["_squares"] = (key, squares)
+        return squares
+
+    @torch.no_grad()
+    def weight_norm(self, weight: Tensor, squares: Tensor | None = None) -> Tensor:
         """``‖W_i + s(BA)_i‖`` for every output channel ``i`` of ``weight``, without forming
-        ``B A``. Float32, or the weight's dtype when wider; never tracked by autograd."""
+        ``B A``. Float32, or the weight's dtype when wider; never tracked by autograd.
+        ``squares``: ``‖W_i‖²`` when already known."""
         out = weight.shape[0]
         dtype = torch.promote_types(weight.dtype, torch.float32)
         w = weight.reshape(out, -1)
@@ -117,12 +135,13 @@ class DoraDelta(ReparameterizedDelta):
         s = self.scaling
         # t = 2s·W Aᵀ + s²·B (A Aᵀ);  ‖·‖² = ‖W_i‖² + Σ_k B_ik t_ik
         t = torch.addmm(wa, b, a @ a.t(), beta=2.0 * s, alpha=s * s)
-        return _finish(_row_squares(w).add_(torch.linalg.vecdot(t, b)))
+        base = _row_squares(w) if squares is None else squares.clone()
+        return _finish(base.add_(torch.linalg.vecdot(t, b)))
 
-    def _gain(self, weight: Tensor) -> Tensor:
+    def _gain(self, weight: Tensor, live: bool = False) -> Tensor:
         """``g = m / ‖W + s·B A‖`` ``(out,)`` in float32 (or wider): differentiable in ``m``
-        only."""
-        norm = self.weight_norm(weight)
+        only. ``live``: ``weight`` is the site's own, whose ``‖W‖²`` is cached."""
+        norm = self.weight_norm(weight, self._live_squares(weight) if live else None)
         return self.magnitude.to(norm.dtype) / norm
 
     # ------------------------------------------------------------------ forward / merge
@@ -130,7 +149,7 @@ class DoraDelta(ReparameterizedDelta):
     def forward(self, x: Tensor | None, y: Tensor) -> Tensor:
         assert x is not None
         weight, bias = self.base()
-        g = self._gain(weight).to(y.dtype)
+        g = self._gain(weight, live=True).to(y.dtype)
         h = self.dropout(x)
         a = self.A.to(h.dtype)
         b = self.B.to(h.dtype)
