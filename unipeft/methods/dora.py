@@ -12,11 +12,13 @@ The norm is computed without forming ``B A`` (``out × in``): for row ``i``,
 
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + Σ_k B_ik (2s·(W Aᵀ)_ik + s²·(B (A Aᵀ))_ik)
 
-which reads ``W`` twice (for ``W Aᵀ``, ``out × r``, and ``‖W_i‖²``) and costs ``O(out · r²)``
-more, in float32 (or the weight's dtype when wider). The frozen weight is read live from the
-backbone at every call, so the norm always follows the weight as it is stored, including
-other adapters merged into it (the merge ledger writes through ``.data``, which no version
-counter sees, so a cached ``‖W_i‖²`` could not tell).
+which reads ``W`` once per call for ``W Aᵀ`` (``out × r``) and costs ``O(out · r²)`` more,
+in float32 (or the weight's dtype when wider). ``‖W_i‖²`` of the frozen weight is cached
+while the backbone parameter's version counter is unchanged; in-place updates move it, and
+the merge ledger, which writes through ``.data``, bumps it explicitly, so the norm follows
+the weight as it is stored, other adapters merged into it included. (Writes a user makes
+through ``.data`` are invisible to any version counter: call
+``torch.autograd.graph.increment_version`` on the parameter after them.)
 """
 
 from __future__ import annotations
