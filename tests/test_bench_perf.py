@@ -272,3 +272,24 @@ def test_cuda_run_measures_memory_and_host_time() -> None:
     )
     assert set(out["host_ms"]) >= {"llama_train_step", "llama_inference", "open_clip"}
     assert all(v > 0 for section in out["host_ms"].values() for v in section.values())
+
+
+def test_cuda_graph_section_needs_cuda() -> None:
+    """On the CPU the CUDA-graph section measures nothing and adds no figure."""
+    out = perf.run_perf(tiny_config(sections=("cuda_graphs",), minilm=False))
+    assert "train_step_cuda_graph" not in out["figures"]
+    assert all(s.title != "CUDA graphs (device time), Llama" for s in perf.report_sections(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_section_captures_every_variant() -> None:
+    out = perf.run_perf(tiny_config(device="cuda", sections=("cuda_graphs",), minilm=False))
+    train = out["figures"]["train_step_cuda_graph"]
+    infer = out["figures"]["inference_unmerged_cuda_graph"]
+    assert not train["notes"] and not infer["notes"]  # every capture succeeded
+    assert train["floor_ms"] > 0 and train["unipeft_ms"] > 0 and train["peft_ms"] > 0
+    assert train["unipeft_to_floor"] == pytest.approx(train["unipeft_ms"] / train["floor_ms"])
+    assert infer["unipeft_to_base"] == pytest.approx(infer["unipeft_ms"] / infer["base_ms"])
+    titles = [s.title for s in perf.report_sections(out)]
+    assert "CUDA graphs (device time), Llama" in titles

@@ -109,7 +109,14 @@ class PerfConfig:
     apply_repeats: int = 3
     merge_repeats: int = 3
     seed: int = 0
-    sections: tuple[str, ...] = ("train", "inference", "mixed", "open_clip", "apply")
+    sections: tuple[str, ...] = (
+        "train",
+        "inference",
+        "mixed",
+        "open_clip",
+        "apply",
+        "cuda_graphs",  # CUDA only
+    )
     threads: int | None = None  # CPU intra-op threads; None: 1 on the CPU, torch's default on CUDA
 
     @property
@@ -286,6 +293,8 @@ def time_interleaved(
     fall on every variant alike. ``host`` receives the median milliseconds until each call
     returned to Python."""
     names = list(variants)
+    if not names:
+        return {}
     for _ in range(warmup):
         for name in names:
             variants[name]()
@@ -1053,6 +1062,132 @@ def _clip_section(
     return {"open_clip_mha_lora": fig}
 
 
+def _capture(fn: Callable[[], Any], warmup: int) -> Callable[[], None]:
+    """``fn`` captured as one CUDA graph (after warm-up calls on a side stream, as the
+    capture needs); the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _graph_section(
+    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """The training step and the unmerged forward captured as CUDA graphs, so the host's
+    kernel launches drop out and what is left is device time: frozen-base floor, LoRA on
+    every linear layer (both libraries), unipeft's DoRA; base and unmerged LoRA inference.
+    AdamW runs with ``capturable=True`` inside the graph."""
+    if cfg.device != "cuda":
+        return {}
+    steps: dict[str, Callable[[], None]] = {}
+    forwards: dict[str, Callable[[], None]] = {}
+    notes: dict[str, str] = {}
+    keep: list[Any] = []
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(work.model)
+
+    def train(model: nn.Module) -> Callable[[], None]:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, capturable=True) if params else None
+        keep.append((model, opt))
+
+        def step() -> None:
+            work.loss(model(**work.train_inputs)).backward()
+            if opt is not None:
+                opt.step()
+
+        return step
+
+    def infer(model: nn.Module) -> Callable[[], None]:
+        model.eval()
+        keep.append(model)
+
+        def run() -> None:
+            with torch.no_grad():
+                model(**work.inputs)
+
+        return run
+
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "floor": lambda: _frozen_floor(fresh()),
+        "unipeft_lora": lambda: _randomised(_unipeft_lora(fresh(), cfg, work.all_linear), cfg),
+        "peft_lora": lambda: _peft_lora(fresh(), cfg, work.all_linear),
+        "unipeft_dora": lambda: _unipeft_lora(fresh(), cfg, work.all_linear, method=DORA),
+    }
+    progress(f"{work.name}: capturing CUDA graphs")
+    for name, build in builders.items():
+        try:
+            steps[name] = _capture(train(build()), cfg.warmup + 1)
+        except Exception as exc:  # report, do not fail: capture is a property of the code
+            notes[f"train_{name}"] = f"capture failed: {type(exc).__name__}: {exc}"
+    infer_builders: dict[str, Callable[[], nn.Module]] = {
+        "base": fresh,
+        "unipeft_lora": builders["unipeft_lora"],
+        "peft_lora": builders["peft_lora"],
+    }
+    for name, build in infer_builders.items():
+        try:
+            forwards[name] = _capture(infer(build()), cfg.warmup + 1)
+        except Exception as exc:
+            notes[f"inference_{name}"] = f"capture failed: {type(exc).__name__}: {exc}"
+    progress(f"{work.name}: timing graph replays")
+    t = time_interleaved(steps, device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats)
+    i = time_interleaved(forwards, device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats)
+    # (an empty dict of variants, every capture failed, times nothing)
+    steps.clear()
+    forwards.clear()
+    keep.clear()
+    _free(cfg.device)
+    floor, base = t.get("floor"), i.get("base")
+    return {
+        "train_step_cuda_graph": {
+            "what": "the training step (forward, backward, AdamW with capturable=True) of LoRA "
+            "r=16 on every linear layer, captured as one CUDA graph and replayed: device "
+            "time without the host's launches",
+            "floor_ms": floor,
+            "unipeft_ms": t.get("unipeft_lora"),
+            "peft_ms": t.get("peft_lora"),
+            "unipeft_dora_ms": t.get("unipeft_dora"),
+            "unipeft_to_floor": _ratio(t.get("unipeft_lora"), floor),
+            "peft_to_floor": _ratio(t.get("peft_lora"), floor),
+            "unipeft_to_peft": _ratio(t.get("unipeft_lora"), t.get("peft_lora")),
+            "unipeft_dora_to_unipeft_lora": _ratio(t.get("unipeft_dora"), t.get("unipeft_lora")),
+            "notes": {k: v for k, v in notes.items() if k.startswith("train_")},
+        },
+        "inference_unmerged_cuda_graph": {
+            "what": "the no-grad forward of the base and of unmerged LoRA on every linear "
+            "layer, captured as one CUDA graph and replayed",
+            "base_ms": base,
+            "unipeft_ms": i.get("unipeft_lora"),
+            "peft_ms": i.get("peft_lora"),
+            "unipeft_to_base": _ratio(i.get("unipeft_lora"), base),
+            "peft_to_base": _ratio(i.get("peft_lora"), base),
+            "unipeft_to_peft": _ratio(i.get("unipeft_lora"), i.get("peft_lora")),
+            "notes": {k: v for k, v in notes.items() if k.startswith("inference_")},
+        },
+    }
+
+
+def _frozen_floor(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(_input_grad_hook)
+    return model
+
+
+def _randomised(model: DeltaModel, cfg: PerfConfig) -> DeltaModel:
+    _randomise(model, ADAPTER, cfg.seed)
+    return model
+
+
 def _apply_section(
     work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
@@ -1139,6 +1274,7 @@ def _measure(
             "inference": _inference_section,
             "mixed": _mixed_section,
             "apply": _apply_section,
+            "cuda_graphs": _graph_section,
         }
         if set(llama_sections) & set(cfg.sections):
             say(f"building the Llama ({cfg.profile} configuration, {cfg.device})")
@@ -1402,6 +1538,33 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
             ),
         ]
         sections.append(Section(f"open_clip, {f['model']}, batch {f['batch']}", "base", rows))
+
+    if "train_step_cuda_graph" in figs:
+        f, g = figs["train_step_cuda_graph"], figs["inference_unmerged_cuda_graph"]
+        rows = [
+            Row("training step: frozen-base floor", _ms(f["floor_ms"]), to_ref="1.00×"),
+            Row(
+                "  LoRA all linear",
+                _ms(f["unipeft_ms"]),
+                _ms(f["peft_ms"]),
+                _x(f["unipeft_to_peft"]),
+                _both(f["unipeft_to_floor"], f["peft_to_floor"]),
+            ),
+            Row(
+                "  DoRA all linear (÷ own LoRA)",
+                _ms(f["unipeft_dora_ms"]),
+                to_ref=_x(f["unipeft_dora_to_unipeft_lora"]),
+            ),
+            Row("inference: base", _ms(g["base_ms"]), to_ref="1.00×"),
+            Row(
+                "  LoRA all linear, unmerged",
+                _ms(g["unipeft_ms"]),
+                _ms(g["peft_ms"]),
+                _x(g["unipeft_to_peft"]),
+                _both(g["unipeft_to_base"], g["peft_to_base"]),
+            ),
+        ]
+        sections.append(Section("CUDA graphs (device time), Llama", "floor / base", rows))
 
     if "apply_time" in figs:
         f = figs["apply_time"]
