@@ -186,3 +186,22 @@ def test_unknown_role_lists_what_the_backbone_has() -> None:
         unipeft.apply(model, "lora", targets=["mlp.gate"])
     msg = str(info.value)
     assert "'mlp.gate'" in msg and "attn.q (x2)" in msg and "transformers-bert" in msg
+
+
+def test_open_clip_towers_passed_alone_keep_their_names() -> None:
+    """``clip.visual`` alone is the image tower (prompts after the class token); the text
+    transformer alone is still the text tower."""
+    clip = BACKBONES["open_clip"].make()
+    visual_sites = unipeft.inspect_sites(clip.visual)
+    assert {s.tower for s in visual_sites if s.role} == {"visual"}  # role sites, not by name
+    tokens = [s for s in visual_sites if s.kind == "sequence"]
+    assert len(tokens) == 1 and tokens[0].index == 1
+    assert any(s.role == "embed" and s.path == "conv1" for s in visual_sites)
+    dm = unipeft.apply(clip.visual, "lora", r=2, targets=["visual/attn.q"])
+    assert len(dm.adapters["default"].sites) == 2  # one per block of the image tower
+    full = {s.tower for s in unipeft.inspect_sites(BACKBONES["open_clip"].make()) if s.role}
+    assert full == {"visual", "text"}  # the whole model maps as before
+    prompts = unipeft.apply(BACKBONES["open_clip"].make().visual, "prompt_tuning", num_tokens=2)
+    pixels = BACKBONES["open_clip"].sample()["pixels"]
+    with torch.no_grad():
+        assert prompts(pixels).shape == (2, 16)

@@ -174,6 +174,10 @@ class Tower:
     name: str | None = None
     embed: str | None = None
     sequence: Callable[[nn.Module, str, str | None], SequenceSite | None] | None = None
+    requires: str | None = None
+    """A module path, relative to the prefix, that must exist for a stack to be this tower
+    (tells apart towers whose blocks sit at the same path, e.g. a bare image tower and a
+    bare text tower)."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,10 @@ class LayoutMap:
             for tower in self.towers:
                 m = re.fullmatch(tower.blocks, path)
                 if m and self.layout.fits(module[0]):
-                    yield tower, path, m.groupdict().get("prefix") or "", module
+                    prefix = m.groupdict().get("prefix") or ""
+                    if tower.requires and _get(model, prefix + tower.requires) is None:
+                        continue
+                    yield tower, path, prefix, module
                     break
 
     def matches(self, model: nn.Module) -> bool:
