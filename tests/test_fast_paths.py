@@ -585,3 +585,31 @@ def test_a_lora_training_step_captured_as_a_cuda_graph_equals_eager() -> None:
     a = dict(models[0].deltas.named_parameters())
     for n, p in models[1].deltas.named_parameters():
         torch.testing.assert_close(p, a[n], atol=1e-5, rtol=1e-4)
+
+
+def test_a_gated_mlp_down_projection_keeps_no_copy_of_its_input() -> None:
+    """Llama's down projection reads ``silu(gate) * up``; autograd keeps both factors, so the
+    fused node keeps them too instead of the product: no saved tensor has the product's
+    storage, and the gradients equal the hook path's (float64)."""
+    fast, plain = _fused_pair("llama")
+    fast.double().train()
+    plain.double().train()
+    inputs = BACKBONES["llama"].sample(seed=33, dtype=torch.float64)
+    down = fast.base_model.layers[0].mlp.down_proj
+    seen: dict[str, torch.Tensor] = {}
+    down.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = BACKBONES["llama"].run(fast, inputs)
+    assert seen["x"].untyped_storage().data_ptr() not in saved
+    out.square().sum().backward()
+    BACKBONES["llama"].run(plain, inputs).square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-10, rtol=1e-9)
