@@ -36,6 +36,7 @@ from ..config import DeltaConfig
 from ..delta import ProjectionShape, ReparameterizedDelta
 from ..registry import Method
 from ..sites import ModuleSite, Site
+from .lora import low_rank_factors
 
 
 class DoraConfig(DeltaConfig):
@@ -74,15 +75,8 @@ class DoraDelta(ReparameterizedDelta):
         self.site = site  # not a module, parameter or buffer: nothing of it is saved
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.A = nn.Parameter(torch.empty(r, shape.in_features, *shape.kernel_size))
-        self.B = nn.Parameter(torch.zeros(shape.out_features, r))
+        self.A, self.B = low_rank_factors(shape, r, init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.A, std=1.0 / r)
-        else:
-            nn.init.orthogonal_(self.A.view(r, -1))
         weight, _ = self.base()
         if weight.shape[0] != shape.out_features:
             raise ValueError(

@@ -32,6 +32,21 @@ class LoraConfig(DeltaConfig):
     )
 
 
+def low_rank_factors(
+    shape: ProjectionShape, r: int, init: str
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """``A`` ``(r, in, *kernel)`` initialised by ``init`` (kaiming, gaussian or orthogonal)
+    and ``B`` ``(out, r)`` at zero, so ``B A = 0``: the factors of LoRA and of DoRA."""
+    a = nn.Parameter(torch.empty(r, shape.in_features, *shape.kernel_size))
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1.0 / r)
+    else:
+        nn.init.orthogonal_(a.view(r, -1))
+    return a, nn.Parameter(torch.zeros(shape.out_features, r))
+
+
 class LoraDelta(ReparameterizedDelta):
     """``y + s · B(A(dropout(x)))``. ``A``: ``(r, in, *kernel)``, ``B``: ``(out, r)``."""
 
@@ -47,16 +62,9 @@ class LoraDelta(ReparameterizedDelta):
         super().__init__(shape)
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.A = nn.Parameter(torch.empty(r, shape.in_features, *shape.kernel_size))
-        self.B = nn.Parameter(torch.zeros(shape.out_features, r))
+        self.A, self.B = low_rank_factors(shape, r, init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._shared: SharedDown | None = None  # set by link(); not a submodule
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.A, std=1.0 / r)
-        else:
-            nn.init.orthogonal_(self.A.view(r, -1))
 
     def delta_weight(self) -> Tensor:
         w = self.B @ self.A.reshape(self.r, -1)
