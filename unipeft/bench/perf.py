@@ -1063,18 +1063,10 @@ def _clip_section(
 
 
 def _capture(fn: Callable[[], Any], warmup: int) -> Callable[[], None]:
-    """``fn`` captured as one CUDA graph (after warm-up calls on a side stream, as the
-    capture needs); the returned callable replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """``fn`` captured as one CUDA graph; the returned callable replays it."""
+    from ..training.graphs import capture
+
+    return capture(fn, warmup)[0].replay
 
 
 def _graph_section(
@@ -1101,6 +1093,8 @@ def _graph_section(
         keep.append((model, opt))
 
         def step() -> None:
+            if opt is not None:  # backward creates the gradients inside the graph
+                opt.zero_grad(set_to_none=True)
             work.loss(model(**work.train_inputs)).backward()
             if opt is not None:
                 opt.step()

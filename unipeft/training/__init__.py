@@ -14,6 +14,7 @@ from __future__ import annotations
 from .checkpoint import Checkpoint, find_checkpoint, read_checkpoint, recover
 from .config import TrainerConfig
 from .data import epoch_seed
+from .graphs import GraphedStep
 from .run import RunResult, run
 from .spec import DataSpec, RunConfig, RunConfigError, load_run_config
 from .state import CheckpointError, TrainingError
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "DataSpec",
     "EvalFn",
+    "GraphedStep",
     "LossFn",
     "RunConfig",
     "RunConfigError",
