@@ -232,11 +232,8 @@ _LORA_REFUSED = {
     "monteclora_config": "MonteCLoRA samples its factors, which unipeft's lora does not do",
 }
 
-# initialisations that rewrite the backbone's weights: the adapter needs those weights
-_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-
-_LORA_KNOWN = {
-    *_LORA_REFUSED,
+# keys every PEFT adapter config carries (bookkeeping, nothing about the adapter's maths)
+_COMMON_KEYS = {
     "task_type",
     "peft_type",
     "auto_mapping",
@@ -244,6 +241,14 @@ _LORA_KNOWN = {
     "base_model_name_or_path",
     "revision",
     "inference_mode",
+}
+
+# initialisations that rewrite the backbone's weights: the adapter needs those weights
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+_LORA_KNOWN = {
+    *_LORA_REFUSED,
+    *_COMMON_KEYS,
     "r",
     "lora_alpha",
     "lora_dropout",
@@ -452,13 +457,7 @@ def _lora_state(site: ModuleSite, r: int, a: Tensor, b: Tensor) -> dict[str, Ten
 # ----------------------------------------------------------------------------- (IA)^3
 
 _IA3_KNOWN = {
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
+    *_COMMON_KEYS,
     "target_modules",
     "exclude_modules",
     "feedforward_modules",
@@ -512,13 +511,7 @@ def _ia3_shape(site: ModuleSite) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- prompt tuning
 
 _PROMPT_KNOWN = {
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
+    *_COMMON_KEYS,
     "num_virtual_tokens",
     "token_dim",
     "num_transformer_submodules",
