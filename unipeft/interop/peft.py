@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,29 +32,30 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .._plugins import registry
 from .._targets import pick_map
 from ..errors import AdapterError, ConfigError, LoadError
 from ..maps._base import generic_sites
-from ..model import Adapter, DeltaModel, site_key
-from ..sites import ModuleSite, SequenceSite, Site
+from ..model import DeltaModel, site_key
+from ..sites import ModuleSite, Site
+from ._peft_common import (
+    _FIELD_MAP,
+    _SUPPORTED_TEXT,
+    CONFIG_FILE,
+    PICKLE_FILE,
+    PREFIX,
+    SUPPORTED_PEFT_TYPES,
+    WEIGHTS_FILE,
+    _encoder_note,
+    _ia3_shape,
+    _sequence_site,
+)
+from ._peft_save import _EXPORTERS, _write
 
 __all__ = ["CONFIG_FILE", "SUPPORTED_PEFT_TYPES", "WEIGHTS_FILE", "load", "save"]
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."
-SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
-_SUPPORTED_TEXT = "LORA, IA3 (with the unipeft-ia3 plugin) and PROMPT_TUNING"
-_DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-_FIELD_MAP = (
-    "PEFT's r, lora_alpha, lora_dropout, use_rslora and num_virtual_tokens become unipeft's "
-    "r, alpha, dropout, use_rslora and num_tokens"
-)
 
 PathLike = str | os.PathLike
 
@@ -500,14 +500,6 @@ def _is_feedforward(feedforward: Any, path: str) -> bool:
     return any(path.endswith(f) for f in feedforward)
 
 
-def _ia3_shape(site: ModuleSite) -> tuple[int, ...]:
-    """PEFT's output-side ``ia3_l`` shape: ``(out, 1)``, on a conv ``(1, out, 1, ...)``."""
-    assert site.weight is not None
-    if site.weight.layout == "conv":
-        return (1, site.features, *([1] * len(site.weight.kernel_size)))
-    return (site.features, 1)
-
-
 # ----------------------------------------------------------------------------- prompt tuning
 
 _PROMPT_KNOWN = {
@@ -523,13 +515,6 @@ _PROMPT_KNOWN = {
     "tokenizer_name_or_path",
     "tokenizer_kwargs",
 }
-
-_ENCODER_NOTE = (
-    "PEFT prepends its soft tokens at position 0 (before {cls}) and keeps them in its "
-    "outputs; on this {cls_name} unipeft inserts them at index {index} (after the first "
-    "token) and strips them from the outputs. The adapter {verb}, but its outputs differ "
-    "from PEFT's by design."
-)
 
 
 def _plan_prompt_tuning(
@@ -557,28 +542,6 @@ def _plan_prompt_tuning(
     notes = [_encoder_note(backbone, site, "loads")] if site.index != 0 else []
     states = {site.name: {"prompt": prompt}}
     return _Plan("prompt_tuning", {"num_tokens": n}, ["tokens"], [site], states, notes)
-
-
-def _sequence_site(backbone: nn.Module) -> SequenceSite:
-    """The one Hugging Face text token sequence, where PEFT's prompt tuning puts its tokens."""
-    from .. import inspect_sites
-
-    found = [s for s in inspect_sites(backbone) if isinstance(s, SequenceSite)]
-    text = [s for s in found if s.style == "hf_text"]
-    if len(text) != 1:
-        what = f"{len(text)} Hugging Face text token sequences" if text else "no text sequence"
-        raise LoadError(
-            f"PEFT prompt tuning needs one Hugging Face text token sequence, and unipeft finds "
-            f"{what} on {type(backbone).__name__}; use a transformers text model that a "
-            "unipeft structure map recognises (BERT-, GPT-2- or Llama-like)"
-        )
-    return text[0]
-
-
-def _encoder_note(backbone: nn.Module, site: SequenceSite, verb: str) -> str:
-    return _ENCODER_NOTE.format(
-        cls="[CLS]", cls_name=type(backbone).__name__, index=site.index, verb=verb
-    )
 
 
 # =================================================================================== save
@@ -615,187 +578,3 @@ def save(
     _write(Path(path), config, tensors)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-
-
-_Export = tuple[dict[str, Any], dict[str, Tensor], list[str]]
-
-
-def _common_config(model: DeltaModel, peft_type: str, task_type: str | None) -> dict[str, Any]:
-    backbone = model.base_model
-    return {
-        "peft_type": peft_type,
-        "task_type": task_type,
-        "auto_mapping": None
-        if task_type
-        else {
-            "base_model_class": type(backbone).__name__,
-            "parent_library": type(backbone).__module__,
-        },
-        "base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-
-
-def _export_sites(adapter: Adapter, method: str) -> list[ModuleSite]:
-    """The adapter's sites, each a whole projection module that PEFT can name."""
-    out: list[ModuleSite] = []
-    for site in adapter.sites:
-        if (
-            not isinstance(site, ModuleSite)
-            or site.weight is None
-            or site.entry is not None
-            or site.weight.layout == "mha_in"
-        ):
-            raise AdapterError(
-                f"adapter {adapter.name!r} has site {site.name!r}, which is not a whole "
-                f"projection module; PEFT's {method} can only name whole modules. Target "
-                "unfused projections (or the whole fused module by its name) to export"
-            )
-        if site.out_slice is not None:
-            raise AdapterError(
-                f"adapter {adapter.name!r} has site {site.name!r}, a slice of the fused "
-                f"projection {site.path!r}; PEFT cannot express a slice. To export, train "
-                f'the adapter on whole modules, e.g. targets=[r"{re.escape(site.path)}"]'
-            )
-        if site.host is not None:
-            raise AdapterError(
-                f"adapter {adapter.name!r} has site {site.name!r}, the out_proj of an "
-                "nn.MultiheadAttention, which PEFT does not adapt as a module of its own"
-            )
-        out.append(site)
-    return out
-
-
-def _all_conv1d(sites: list[ModuleSite]) -> bool:
-    """PEFT's ``fan_in_fan_out``: true for GPT-2 Conv1D, whose weight is ``(in, out)``."""
-    return all(s.weight is not None and s.weight.layout == "conv1d_t" for s in sites)
-
-
-def _target_modules(backbone: nn.Module, paths: list[str]) -> list[str] | str:
-    """Module paths in the form PEFT matches exactly the modules given.
-
-    PEFT matches a list entry ``t`` against every module name ``n == t`` or ending in
-    ``"." + t``, so a list could also catch a nested module; then an anchored regex (which
-    PEFT full-matches) is written instead.
-    """
-    wanted = set(paths)
-    names = [n for n, _ in backbone.named_modules()]
-    caught = {n for n in names if n in wanted or any(n.endswith("." + t) for t in paths)}
-    if caught == wanted:
-        return sorted(paths)
-    return "|".join(re.escape(p) for p in sorted(paths))
-
-
-def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
-    sites = _export_sites(adapter, "lora")
-    tensors: dict[str, Tensor] = {}
-    for site in sites:
-        assert site.weight is not None
-        if site.weight.layout == "conv" and any(d != 1 for d in site.weight.conv_args["dilation"]):
-            raise AdapterError(
-                f"site {site.name!r} is a dilated convolution; PEFT's lora_A ignores the "
-                "dilation, so it would compute a different function"
-            )
-        delta = model.deltas[adapter.name][site_key(site)]
-        a, b = delta.A.detach(), delta.B.detach()
-        ones = [1] * len(site.weight.kernel_size)
-        tensors[f"{PREFIX}{site.path}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{site.path}.lora_B.weight"] = b.reshape(*b.shape, *ones)
-    cfg = adapter.config
-    alpha = cfg.alpha  # type: ignore[attr-defined]
-    config = _common_config(model, "LORA", task_type)
-    config.update(
-        {
-            "r": cfg.r,  # type: ignore[attr-defined]
-            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-            "use_rslora": cfg.use_rslora,  # type: ignore[attr-defined]
-            "lora_dropout": cfg.dropout,  # type: ignore[attr-defined]
-            "target_modules": _target_modules(model.base_model, [s.path for s in sites]),
-            "fan_in_fan_out": _all_conv1d(sites),
-            "bias": "none",
-            "init_lora_weights": True,
-            "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "layers_to_transform": None,
-            "layers_pattern": None,
-        }
-    )
-    return config, tensors, []
-
-
-def _export_ia3(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
-    sites = _export_sites(adapter, "ia3")
-    tensors: dict[str, Tensor] = {}
-    for site in sites:
-        assert site.weight is not None
-        if site.weight.layout == "conv" and len(site.weight.kernel_size) == 1:
-            raise AdapterError(
-                f"site {site.name!r} is an nn.Conv1d, which PEFT's (IA)^3 does not adapt "
-                "(it takes nn.Linear, nn.Conv2d, nn.Conv3d and GPT-2 Conv1D)"
-            )
-        delta = model.deltas[adapter.name][site_key(site)]
-        tensors[f"{PREFIX}{site.path}.ia3_l"] = delta.l.detach().reshape(_ia3_shape(site))
-    config = _common_config(model, "IA3", task_type)
-    config.update(
-        {
-            "target_modules": _target_modules(model.base_model, [s.path for s in sites]),
-            "feedforward_modules": [],
-            "fan_in_fan_out": _all_conv1d(sites),
-            "init_ia3_weights": True,
-        }
-    )
-    return config, tensors, []
-
-
-def _export_prompt_tuning(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
-    sites = adapter.sites
-    site = sites[0] if len(sites) == 1 else None
-    if not isinstance(site, SequenceSite) or site.style != "hf_text":
-        raise AdapterError(
-            f"adapter {adapter.name!r} has soft tokens at {[s.name for s in sites]}; PEFT prompt "
-            "tuning exports one Hugging Face text token sequence only"
-        )
-    backbone = model.base_model
-    if task_type is None:
-        name = type(backbone).__name__
-        task_type = "CAUSAL_LM" if name.endswith(_DECODER_SUFFIXES) else "FEATURE_EXTRACTION"
-    prompt = model.deltas[adapter.name][site_key(site)].prompt.detach()
-    hf_config = getattr(backbone, "config", None)
-    config = _common_config(model, "PROMPT_TUNING", task_type)
-    config.update(
-        {
-            "num_virtual_tokens": int(prompt.shape[0]),
-            "token_dim": int(prompt.shape[1]),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(hf_config, "num_attention_heads", None),
-            "num_layers": getattr(hf_config, "num_hidden_layers", None),
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": None,
-            "tokenizer_name_or_path": None,
-            "tokenizer_kwargs": None,
-        }
-    )
-    notes = [_encoder_note(backbone, site, "is written")] if site.index != 0 else []
-    return config, {"prompt_embeddings": prompt}, notes
-
-
-_EXPORTERS: dict[str, Callable[[DeltaModel, Adapter, str | None], _Export]] = {
-    "lora": _export_lora,
-    "ia3": _export_ia3,
-    "prompt_tuning": _export_prompt_tuning,
-}
-
-
-def _write(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Write next to the destination, then rename: a crash leaves older files intact."""
-    cpu = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".unipeft-peft-") as tmp:
-        save_file(cpu, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-        os.replace(os.path.join(tmp, WEIGHTS_FILE), directory / WEIGHTS_FILE)
-        os.replace(os.path.join(tmp, CONFIG_FILE), directory / CONFIG_FILE)
