@@ -195,19 +195,15 @@ class ModuleHost:
         return output if new is None else new
 
     def _single_running(self) -> Attachment | None:
-        state = self.state
-        if state.routing is not None or not state.enabled:
+        """The one running attachment, when there is exactly one, outside a mixed batch, on
+        the whole output (no slice, no entry)."""
+        if self.state.routing is not None:
             return None
-        found = None
-        for att in self.attachments:
-            if att.merged or att.adapter not in state.active:
-                continue
-            if found is not None:
-                return None
-            found = att
-        if found is None or found.site.out_slice is not None or found.site.entry is not None:
+        running = self.running()
+        if len(running) != 1:
             return None
-        return found
+        att = running[0]
+        return att if att.site.out_slice is None and att.site.entry is None else None
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         running = self.running()

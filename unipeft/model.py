@@ -78,6 +78,7 @@ class DeltaModel(nn.Module):
         self._ledger = MergeLedger()
         self._unloaded = False
         self._structure_map: str | None = None
+        self._routings: dict[tuple[str, ...], Routing] = {}  # recent mixed-batch routings
         # Tools that read forward's signature (the HF Trainer keeps only the dataset columns
         # named there) see the backbone's arguments, plus adapter_names.
         forward = functools.partial(type(self).forward, self)
@@ -414,9 +415,9 @@ class DeltaModel(nn.Module):
             raise MergeError("unmerge() before running a mixed batch: merged weights are shared")
         # the same list of names gets the same Routing, so what deltas derive from it (sample
         # slots, masks) is computed once, not on every call; a few recent lists are kept
-        cache = self.__dict__.setdefault("_routings", {})
+        cache = self._routings
         routing = cache.pop(names, None) or Routing.of(names)
-        cache[names] = routing
+        cache[names] = routing  # most recent last
         while len(cache) > 8:
             cache.pop(next(iter(cache)))
         return routing
