@@ -26,9 +26,9 @@ from typing import Any
 
 from markdown.extensions.toc import slugify
 from mkdocs.structure.files import File, Files
+from unipeft.delta import FAMILIES
 
 import unipeft
-from unipeft.delta import FAMILIES
 
 log = logging.getLogger("mkdocs.hooks.unipeft")
 

@@ -1,4 +1,4 @@
-"""Adapter arithmetic (unipeft.arithmetic.combine) against hand-computed cases."""
+"""Adapter arithmetic (unipeft.features.arithmetic.combine) against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import Tensor
 
 import unipeft
 from unipeft import AdapterError, ConfigError, DeltaModel
-from unipeft.arithmetic import combine, lora_factors
-from unipeft.methods.lora import LoraDelta
+from unipeft.features.arithmetic import combine, lora_factors
+from unipeft.methods.reparameterized.lora import LoraDelta
 from unipeft.model import site_key
 from unipeft.testing.backbones import BACKBONES
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import unipeft.cli
 from unipeft.bench import check_writable, write_json
 from unipeft.bench.survey import MEMORY_VARIANTS, VARIANTS, latency, memory
-from unipeft.errors import UnipeftError
+from unipeft.contract.errors import UnipeftError
 from unipeft.testing.backbones import BACKBONES
 
 

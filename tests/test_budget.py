@@ -6,7 +6,7 @@ import pytest
 
 import unipeft
 from unipeft import ConfigError
-from unipeft.budget import parse_budget
+from unipeft.features.budget import parse_budget
 from unipeft.testing.backbones import BACKBONES
 
 

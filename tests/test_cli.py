@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import unipeft
 from unipeft import ConfigError, PluginError
-from unipeft import _plugins as plugins_module
+from unipeft.runtime import registry as plugins_module
 from unipeft.cli import app
 from unipeft.testing.backbones import BACKBONES
 

@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from unipeft.cli.demo import register
-from unipeft.data import digits_transfer_split, load_vader_lexicon, vader_polarity_split
 from unipeft.demo import ROW_KEYS, OutputError, run_demo
+from unipeft.demo.data import digits_transfer_split, load_vader_lexicon, vader_polarity_split
 from unipeft.demo.report import PLOT, RESULTS, read_results
 
 FAMILIES = {"full", "probe", "reparameterized", "additive", "selective", "hybrid", "moe"}

@@ -11,10 +11,10 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import unipeft
-from unipeft._merge import views
-from unipeft.arithmetic import combine
-from unipeft.methods.dora import DoraDelta
+from unipeft.features.arithmetic import combine
+from unipeft.methods.reparameterized.dora import DoraDelta
 from unipeft.model import DeltaModel, site_key
+
 from unipeft.testing.backbones import BACKBONES
 
 # every projection layout: Linear (BERT, Llama without bias), GPT-2 Conv1D slices, timm's
@@ -95,7 +95,7 @@ def test_factored_norm_equals_the_materialised_norm(name: str, dtype: torch.dtyp
     layouts = set()
     for site, delta in _deltas(model):
         layouts.add(site.weight.layout)
-        weight, _ = views(site)
+        weight, _ = site.weight_views()
         got = delta.weight_norm(weight)
         assert got.dtype == torch.float32  # float32 for both: bf16 weights are upcast
         assert not got.requires_grad
@@ -115,7 +115,7 @@ def test_factored_norm_equals_the_materialised_norm(name: str, dtype: torch.dtyp
 def test_norm_is_float64_for_a_float64_weight() -> None:
     model = _apply("bert", torch.float64)
     site, delta = _deltas(model)[0]
-    weight, _ = views(site)
+    weight, _ = site.weight_views()
     got = delta.weight_norm(weight)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, _adapted_rows(delta, weight).norm(dim=1), rtol=1e-12, atol=0)
@@ -145,7 +145,7 @@ class _Shapes(TorchDispatchMode):
 def test_forward_never_builds_a_weight_sized_tensor(name: str) -> None:
     model = _apply(name)
     for site, delta in _deltas(model):
-        weight, bias = views(site)
+        weight, bias = site.weight_views()
         x = _site_input(delta, torch.float32)
         y = delta.shape.project(x, weight, bias)
         out, fan_in = weight.shape[0], weight[0].numel()
@@ -163,7 +163,7 @@ def test_forward_never_builds_a_weight_sized_tensor(name: str) -> None:
 def test_forward_equals_the_materialised_weight(name: str) -> None:
     model = _apply(name)
     for site, delta in _deltas(model):
-        weight, bias = views(site)
+        weight, bias = site.weight_views()
         x = _site_input(delta, torch.float32)
         y = delta.shape.project(x, weight, bias)
         w_new = _reference_weight(delta, weight).float()
@@ -179,7 +179,7 @@ def test_identity_at_init_is_exact() -> None:
         backbone = bb.make()
         model = unipeft.apply(backbone, "dora", r=4, targets=LAYOUTS[name] or ["attn.q", "attn.v"])
         for site, delta in _deltas(model):
-            weight, bias = views(site)
+            weight, bias = site.weight_views()
             torch.testing.assert_close(
                 delta.magnitude.double(), weight.double().reshape(weight.shape[0], -1).norm(dim=1)
             )
@@ -216,7 +216,7 @@ def _reference_loss(
 def test_gradients_treat_the_norm_as_a_constant(name: str) -> None:
     model = _apply(name, torch.float64)
     for site, delta in _deltas(model):
-        weight, bias = views(site)
+        weight, bias = site.weight_views()
         x = _site_input(delta, torch.float64)
         y = delta.shape.project(x, weight, bias)
         r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
@@ -242,7 +242,7 @@ def test_gradients_treat_the_norm_as_a_constant(name: str) -> None:
 def test_dropout_only_on_the_low_rank_path() -> None:
     model = _apply("bert", dropout=0.5)
     site, delta = _deltas(model)[0]
-    weight, bias = views(site)
+    weight, bias = site.weight_views()
     x = _site_input(delta, torch.float32)
     y = delta.shape.project(x, weight, bias)
     delta.train()
@@ -269,14 +269,14 @@ def test_merge_is_the_reference_weight_and_unmerge_is_exact(name: str) -> None:
     base = model.base_model
     before = {k: v.clone() for k, v in base.state_dict().items()}
     expected = {
-        site.name: _reference_weight(delta, views(site)[0]) for site, delta in _deltas(model)
+        site.name: _reference_weight(delta, site.weight_views()[0]) for site, delta in _deltas(model)
     }
     with torch.no_grad():
         unmerged = bb.run(model, bb.sample(0))
         model.merge()
         for site, _ in _deltas(model):
             torch.testing.assert_close(
-                views(site)[0].double(), expected[site.name], atol=1e-6, rtol=1e-5
+                site.weight_views()[0].double(), expected[site.name], atol=1e-6, rtol=1e-5
             )
         merged = bb.run(model, bb.sample(0))
         model.unmerge()
@@ -290,7 +290,7 @@ def test_merge_is_the_reference_weight_and_unmerge_is_exact(name: str) -> None:
 def test_delta_weight_is_the_additive_change() -> None:
     model = _apply("timm_vit")
     for site, delta in _deltas(model):
-        weight, _ = views(site)
+        weight, _ = site.weight_views()
         want = _reference_weight(delta, weight) - weight.double()
         got = delta.delta_weight()
         assert got.shape == weight.shape and got.dtype == delta.A.dtype
@@ -309,11 +309,11 @@ def test_norm_follows_another_adapter_merged_into_the_same_weight() -> None:
             delta.B.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
     model.set_active(["lora", "default"])
     site, delta = _deltas(model)[0]
-    pristine = views(site)[0].clone()
+    pristine = site.weight_views()[0].clone()
     with torch.no_grad():
-        before = delta.weight_norm(views(site)[0])
+        before = delta.weight_norm(site.weight_views()[0])
         model.merge("lora")
-        live = views(site)[0]
+        live = site.weight_views()[0]
         assert not torch.equal(live, pristine)
         after = delta.weight_norm(live)
         torch.testing.assert_close(after.double(), _adapted_rows(delta, live).norm(dim=1))
@@ -324,8 +324,8 @@ def test_norm_follows_another_adapter_merged_into_the_same_weight() -> None:
         both = bb.run(model, bb.sample(0))
         model.unmerge()
     torch.testing.assert_close(both, partial, atol=2e-5, rtol=1e-4)
-    assert torch.equal(views(site)[0], pristine)
-    torch.testing.assert_close(delta.weight_norm(views(site)[0]), before, atol=0, rtol=0)
+    assert torch.equal(site.weight_views()[0], pristine)
+    torch.testing.assert_close(delta.weight_norm(site.weight_views()[0]), before, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------ state, io
@@ -474,7 +474,7 @@ def test_cuda_bf16_norm_and_forward_match_cpu(name: str) -> None:
         gpu = unipeft.apply(bb.make().to("cuda", dtype), "dora", **kw)
         gpu.deltas.load_state_dict(cpu.deltas.state_dict())
         for site, delta in _deltas(gpu):
-            weight, _ = views(site)
+            weight, _ = site.weight_views()
             got = delta.weight_norm(weight)  # bf16: W Aᵀ accumulated in float32 by the GEMM
             assert got.dtype == torch.float32 and got.is_cuda
             want = _adapted_rows(delta, weight).norm(dim=1)

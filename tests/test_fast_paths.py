@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import unipeft
-from unipeft.methods import lora as lora_mod
-from unipeft.methods.lora import LoraDelta, SharedDown, add_low_rank
+from unipeft.methods.reparameterized.lora import fast as lora_mod
+from unipeft.methods.reparameterized.lora import LoraDelta, SharedDown, add_low_rank
 from unipeft.testing.backbones import BACKBONES
 from unipeft.testing.invariants import perturb
 
@@ -262,7 +262,7 @@ def test_lora_module_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> N
         seen.append("addmm")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_mod.torch, "addmm", spy)
+    monkeypatch.setattr(torch, "addmm", spy)
     model = unipeft.apply(BACKBONES["bert"].make(), "lora", r=2, targets=["attn.q", "attn.v"])
     model.train()
     bb = BACKBONES["bert"]

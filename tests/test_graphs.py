@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import unipeft
-from unipeft.errors import UnipeftError
+from unipeft.contract.errors import UnipeftError
 from unipeft.testing.backbones import BACKBONES
 from unipeft.testing.invariants import perturb
 from unipeft.training import GraphedStep

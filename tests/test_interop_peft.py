@@ -1,4 +1,4 @@
-"""unipeft.interop.peft: Hugging Face PEFT directories in, and out, with equal outputs.
+"""unipeft.features.interop.peft: Hugging Face PEFT directories in, and out, with equal outputs.
 
 Every comparison starts both libraries from ``copy.deepcopy`` of one base model, so the
 only difference between the two sides is the adapter.
@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 import unipeft  # noqa: E402
 from unipeft import AdapterError, DeltaModel, LoadError  # noqa: E402
-from unipeft.interop import peft as interop  # noqa: E402
+from unipeft.features.interop import peft as interop  # noqa: E402
 
 ATOL = 1e-5
 P = 3  # soft tokens

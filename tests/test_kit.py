@@ -36,7 +36,7 @@ def test_kit_catches_a_broken_method(pytester: pytest.Pytester) -> None:
         """
 import unipeft
 from dataclasses import replace
-from unipeft._plugins import registry
+from unipeft.runtime.registry import registry
 
 def pytest_configure(config):
     reg = registry()

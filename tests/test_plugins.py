@@ -10,8 +10,8 @@ import pytest
 
 import unipeft
 from unipeft import DeltaConfig, Method, PluginError
-from unipeft._plugins import build_registry
 from unipeft.methods import lora
+from unipeft.runtime.registry import build_registry
 
 
 class _Dist:
@@ -213,7 +213,7 @@ def test_config_fields_must_be_described() -> None:
 
 
 def test_register_plugin_in_process(fake_plugins) -> None:
-    import unipeft._plugins as plugins
+    import unipeft.runtime.registry as plugins
 
     mod = types.ModuleType("inproc")
     mod.register_methods = _register_methods(_method("inproc_lora"))

@@ -10,19 +10,16 @@ The public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+import sys
 from typing import Any
 
 import pluggy
 from torch import nn
 
-from . import arithmetic, interop
-from ._plugins import PluginFailure, Registry, register_plugin, registry, reset_registry
-from ._targets import all_sites, pick_map, resolve_targets
-from .budget import BudgetPlan, plan_budget
-from .config import DeltaConfig
-from .delta import (
+from . import contract
+from ._version import __version__
+from .contract.config import DeltaConfig
+from .contract.deltas import (
     AdditiveDelta,
     DeltaModule,
     Gate,
@@ -33,7 +30,7 @@ from .delta import (
     ScalarGate,
     SelectiveDelta,
 )
-from .errors import (
+from .contract.errors import (
     AdapterError,
     ConfigError,
     LoadError,
@@ -42,10 +39,35 @@ from .errors import (
     TargetError,
     UnipeftError,
 )
-from .hookspecs import hookimpl
+from .contract.hookspecs import hookimpl
+from .contract.method import Method
+from .contract.plan import AdapterPlan
+from .contract.sites import ModuleSite, SequenceSite, Site
+from .features import arithmetic, budget, interop
+from .features.budget import BudgetPlan, plan_budget
 from .model import Adapter, DeltaModel
-from .registry import Method
-from .sites import ModuleSite, SequenceSite, Site
+from .runtime.registry import PluginFailure, Registry, register_plugin, registry, reset_registry
+from .runtime.targets import all_sites, pick_map, resolve_targets
+
+# Module paths of unipeft 0.1, kept as aliases of the modules' homes since the renovation
+# (docs/architecture.md has the tree): ``from unipeft.delta import DeltaModule`` still works.
+_LEGACY_PATHS = {
+    "arithmetic": arithmetic,
+    "budget": budget,
+    "config": contract.config,
+    "delta": contract.deltas,
+    "errors": contract.errors,
+    "hookspecs": contract.hookspecs,
+    "interop": interop,
+    "interop.peft": interop.peft,
+    "registry": contract.method,
+    "sites": contract.sites,
+}
+for _old, _module in _LEGACY_PATHS.items():
+    sys.modules.setdefault(f"{__name__}.{_old}", _module)
+    if "." not in _old:
+        globals().setdefault(_old, _module)
+del _old, _module
 
 
 def apply(
@@ -69,15 +91,29 @@ def apply(
 
 
 def load(backbone: nn.Module, directory: str) -> DeltaModel:
-    """Restore adapters written by :meth:`DeltaModel.save` onto ``backbone``."""
-    from ._io import load_adapters
+    """Restore adapters written by :meth:`DeltaModel.save` onto ``backbone``.
 
-    return load_adapters(backbone, directory)
+    Every file is read and checked before the backbone is touched; on any error the
+    backbone is left exactly as it was."""
+    from .features.saving import plan_adapters
+
+    plans, active = plan_adapters(backbone, directory, registry())
+    model = DeltaModel(backbone)
+    try:
+        for name, plan in plans:
+            model.attach(name, plan)
+        if active := [a for a in active if a in model.adapters]:
+            model.set_active(active)
+    except BaseException:
+        if model.adapters:
+            model.unload()
+        raise
+    return model
 
 
 def list_methods() -> list[Method]:
     """Every registered method (built-in and from plugins), sorted by family then id."""
-    from .delta import FAMILIES
+    from .contract.deltas import FAMILIES
 
     methods = registry().methods.values()
     return sorted(methods, key=lambda m: (FAMILIES.index(m.family), m.id))
@@ -107,6 +143,7 @@ def inspect_sites(backbone: nn.Module) -> list[Site]:
 __all__ = [
     "Adapter",
     "AdapterError",
+    "AdapterPlan",
     "AdditiveDelta",
     "BudgetPlan",
     "ConfigError",

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .hookspecs import hookimpl
+from .contract.hookspecs import hookimpl
 from .maps.builtin import BUILTIN_MAPS
-from .methods import bitfit, bottleneck_adapter, dora, lora, moe_lora, prompt_tuning, unipelt
+from .methods import BUILTIN_METHODS
 
 
 @hookimpl
 def register_methods(register: Callable) -> None:
-    for module in (lora, dora, bottleneck_adapter, prompt_tuning, bitfit, unipelt, moe_lora):
-        register(module.METHOD)
+    for method in BUILTIN_METHODS:
+        register(method)
 
 
 @hookimpl

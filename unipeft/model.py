@@ -12,18 +12,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ._hosts import AdapterState, Attachment, MHAHost, ModuleHost, Routing
-from ._merge import MergeLedger
-from ._plugins import Registry, registry
-from ._sequence import SequenceHost
-from ._targets import resolve_targets
-from .config import DeltaConfig
-from .delta import DeltaModule
-from .errors import AdapterError, MergeError
-from .registry import Method
-from .sites import ModuleSite, SequenceSite, Site
+from .contract.config import DeltaConfig
+from .contract.deltas import DeltaModule
+from .contract.errors import AdapterError, MergeError, TargetError
+from .contract.method import Method, site_kinds_of
+from .contract.plan import AdapterPlan
+from .contract.sites import ModuleSite, Site
+from .runtime.hosts import HostTable
+from .runtime.ledger import MergeLedger
+from .runtime.registry import Registry, registry
+from .runtime.state import AdapterState, Attachment, Routing
+from .runtime.targets import resolve_targets
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 BASE = "__base__"
@@ -43,6 +45,14 @@ class Adapter:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for a in self.attachments for p in a.delta.parameters())
+
+    def delta_at(self, site: Site | str) -> DeltaModule:
+        """The delta module this adapter placed at ``site`` (a site or its name)."""
+        name = site if isinstance(site, str) else site.name
+        for att in self.attachments:
+            if att.site.name == name:
+                return att.delta
+        raise AdapterError(f"adapter {self.name!r} has no delta at site {name!r}")
 
 
 def site_key(site: Site) -> str:
@@ -73,7 +83,7 @@ class DeltaModel(nn.Module):
         self._registry = _registry or registry()
         self._state = AdapterState()
         self._adapters: dict[str, Adapter] = {}
-        self._hosts: dict[int, ModuleHost | MHAHost | SequenceHost] = {}
+        self._hosts = HostTable(self._state)
         self._requires_grad: dict[str, bool] | None = None
         self._ledger = MergeLedger()
         self._unloaded = False
@@ -150,6 +160,11 @@ class DeltaModel(nn.Module):
         return total
 
     # ------------------------------------------------------------------ adapters
+    @property
+    def registry(self) -> Registry:
+        """The registry this model takes methods from."""
+        return self._registry
+
     def add_adapter(
         self,
         adapter_name: str,
@@ -161,55 +176,45 @@ class DeltaModel(nn.Module):
         """Build an adapter and attach it. The first adapter becomes active.
 
         Everything is validated and built before the backbone is touched: on any error the
-        model is exactly as before the call.
+        model is exactly as before the call. The same as
+        ``attach(adapter_name, plan(method, targets=targets, **config))``.
         """
         self._check_live()
-        self._check_new_name(adapter_name)
+        self.check_adapter_name(adapter_name)
+        return self.attach(adapter_name, self.plan(method, targets=targets, **config))
+
+    def plan(
+        self, method: str, *, targets: Sequence[str] | str | None = None, **config: Any
+    ) -> AdapterPlan:
+        """Resolve ``method``, its config and ``targets`` (the method's defaults when
+        ``None``) on this model's backbone, without changing anything."""
+        self._check_live()
         spec = self._registry.method(method)
         cfg = spec.config.parse(spec.id, config)
-        return self._attach(adapter_name, spec, cfg, targets)
-
-    def _attach(
-        self,
-        adapter_name: str,
-        spec: Method,
-        cfg: DeltaConfig,
-        targets: Sequence[str] | str | None,
-        sites: list[Site] | None = None,
-    ) -> Adapter:
-        from .errors import TargetError
-
         if targets is None:
             target_list = spec.targets_for(cfg)
         else:
             target_list = [targets] if isinstance(targets, str) else list(targets)
-        optional: set[str] = set()
-        if sites is None:
-            smap, sites, optional = resolve_targets(
-                self.base_model, target_list, self._registry.sorted_maps()
-            )
-            self._structure_map = smap.name
+        smap, sites, optional = resolve_targets(
+            self.base_model, target_list, self._registry.sorted_maps()
+        )
+        # sites a role pattern reached only by the way (optional) are dropped if refused
         sites = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]
-        if not sites:
-            raise TargetError(
-                f"method {spec.id!r} found no site it can attach to among targets {target_list}"
-            )
-        refused = [(s, r) for s in sites if (r := spec.refusal(cfg, s)) is not None]
-        if refused:
-            site, reason = refused[0]
-            more = f" ({len(refused) - 1} more sites refused)" if len(refused) > 1 else ""
-            raise TargetError(
-                f"method {spec.id!r} cannot attach where targets {target_list} point: {reason}"
-                f"{more}. Choose targets of the kinds it accepts: {', '.join(spec.site_kinds)}."
-            )
-        built: dict[str, DeltaModule] = {}
-        for site in sites:
-            delta = spec.build(cfg, site)
-            ref = site.reference_tensor()
-            built[site_key(site)] = delta.to(device=ref.device, dtype=ref.dtype)
-        for delta in built.values():
-            delta.requires_grad_(True)
-            delta.train(self.training)
+        return AdapterPlan(spec, cfg, tuple(sites), tuple(target_list), None, smap.name)
+
+    def attach(self, adapter_name: str, plan: AdapterPlan) -> Adapter:
+        """Attach the adapter ``plan`` describes under ``adapter_name``: the one way in.
+
+        Every site is checked against the method, every delta built (and loaded from
+        ``plan.state``) before the backbone is touched; if anything fails, even halfway
+        through hooking the deltas in, the model is left exactly as it was. The first
+        adapter becomes active.
+        """
+        self._check_live()
+        self.check_adapter_name(adapter_name)
+        spec, cfg, sites = plan.method, plan.config, list(plan.sites)
+        _check_sites(spec, cfg, sites, list(plan.targets))
+        built = self._build(spec, cfg, sites, plan.state)
 
         # -- mutation starts here; undo everything on failure
         first = self._requires_grad is None
@@ -217,33 +222,57 @@ class DeltaModel(nn.Module):
             self._requires_grad = {
                 n: p.requires_grad for n, p in self.base_model.named_parameters()
             }
-        attachments = [Attachment(adapter_name, site, built[site_key(site)]) for site in sites]
+        attachments = [Attachment(adapter_name, site, built[site.name]) for site in sites]
         done: list[Attachment] = []
         try:
             for att in attachments:
-                self._host_add(att)
+                self._hosts.add(att)
                 done.append(att)
-            self.deltas[adapter_name] = nn.ModuleDict(built)
-            for cls in {type(a.delta) for a in attachments}:
-                cls.link([a for a in attachments if type(a.delta) is cls])
+            self.deltas[adapter_name] = nn.ModuleDict({site_key(s): built[s.name] for s in sites})
+            _link(attachments)
             if first:
                 for p in self.base_model.parameters():
                     p.requires_grad_(False)
         except BaseException:
             for att in reversed(done):
-                self._host_remove(att)
+                self._hosts.remove(att)
             self.deltas.pop(adapter_name, None)
             if first:
                 self._requires_grad = None
             raise
-        adapter = Adapter(adapter_name, spec, cfg, target_list, list(sites), attachments)
+        adapter = Adapter(adapter_name, spec, cfg, list(plan.targets), sites, attachments)
         self._adapters[adapter_name] = adapter
         if not self._state.active:
             self._state.active = (adapter_name,)
+        if self._structure_map is None:
+            self._structure_map = plan.structure_map
         _WRAPPED[self.base_model] = self
         return adapter
 
-    def _check_new_name(self, name: str) -> None:
+    def _build(
+        self,
+        spec: Method,
+        cfg: DeltaConfig,
+        sites: list[Site],
+        state: Any,
+    ) -> dict[str, DeltaModule]:
+        """One delta per site, on the site's device and dtype, loaded from ``state``."""
+        built: dict[str, DeltaModule] = {}
+        # initialisation draws random numbers; when a state replaces them, keep the RNG as is
+        rng = torch.random.fork_rng(devices=[]) if state is not None else contextlib.nullcontext()
+        with rng:
+            for site in sites:
+                ref = site.reference_tensor()
+                delta = spec.build(cfg, site).to(device=ref.device, dtype=ref.dtype)
+                if state is not None and site.name in state:
+                    _load_state(delta, state[site.name], site, spec)
+                delta.requires_grad_(True)
+                delta.train(self.training)
+                built[site.name] = delta
+        return built
+
+    def check_adapter_name(self, name: str) -> None:
+        """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name."""
         if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
             raise AdapterError(
                 f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' "
@@ -264,7 +293,7 @@ class DeltaModel(nn.Module):
         sequence leaves only the backbone."""
         names = (names,) if isinstance(names, str) else tuple(names)
         for n in names:
-            self._adapter(n)
+            self.get_adapter(n)
         stranded = sorted(set(self.merged_adapters) - set(names))
         if stranded:
             raise MergeError(
@@ -290,7 +319,9 @@ class DeltaModel(nn.Module):
             for a in self._adapters.values()
         ]
 
-    def _adapter(self, name: str) -> Adapter:
+    def get_adapter(self, name: str) -> Adapter:
+        """The adapter called ``name``; an :class:`AdapterError` names the known ones."""
+        self._check_live()
         try:
             return self._adapters[name]
         except KeyError:
@@ -301,7 +332,7 @@ class DeltaModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter: its hooks, its parameters and its state-dict entries."""
-        self._adapter(name)
+        self.get_adapter(name)
         if name in self._state.active:
             others = [a for a in self._adapters if a != name]
             hint = f"set_active({others[:1]!r})" if others else "set_active([])"
@@ -313,70 +344,9 @@ class DeltaModel(nn.Module):
 
     def _remove_adapter(self, name: str) -> None:
         for att in self._adapters[name].attachments:
-            self._host_remove(att)
+            self._hosts.remove(att)
         del self.deltas[name]
         del self._adapters[name]
-
-    # ------------------------------------------------------------------ hosts
-    def _host_add(self, att: Attachment) -> None:
-        site = att.site
-        if isinstance(site, SequenceSite):
-            host = self._hosts.get(id(site.insert))
-            if host is None:
-                host = self._hosts[id(site.insert)] = SequenceHost(site, self._state)
-            assert isinstance(host, SequenceHost)
-            host.add(att)
-            return
-        mha = site.host
-        if isinstance(mha, nn.MultiheadAttention):
-            mh = self._hosts.get(id(mha))
-            if mh is None:
-                mh = self._hosts[id(mha)] = MHAHost(mha, self._state)
-            assert isinstance(mh, MHAHost)
-            if site.module is mha:
-                mh.projections.add(att)
-            else:
-                self._module_host(site.module).add(att)
-                mh.out_host = self._module_host(site.module)
-            mh.add_user(att)
-            return
-        self._module_host(site.module).add(att)
-
-    def _module_host(self, module: nn.Module) -> ModuleHost:
-        key = id(module)
-        host = self._hosts.get(key)
-        if host is None:
-            host = self._hosts[key] = ModuleHost(module, self._state)
-        assert isinstance(host, ModuleHost)
-        return host
-
-    def _host_remove(self, att: Attachment) -> None:
-        site = att.site
-        if isinstance(site, SequenceSite):
-            host = self._hosts[id(site.insert)]
-            host.remove(att)  # type: ignore[arg-type]
-            if host.empty:
-                del self._hosts[id(site.insert)]
-            return
-        mha = site.host
-        if isinstance(mha, nn.MultiheadAttention):
-            mh = self._hosts[id(mha)]
-            assert isinstance(mh, MHAHost)
-            if site.module is mha:
-                mh.projections.remove(att)
-            else:
-                self._drop_module_host(site.module, att)
-            mh.remove_user(att)
-            if mh.empty:
-                del self._hosts[id(mha)]
-            return
-        self._drop_module_host(site.module, att)
-
-    def _drop_module_host(self, module: nn.Module, att: Attachment) -> None:
-        host = self._hosts[id(module)]
-        host.remove(att)  # type: ignore[arg-type]
-        if host.empty:
-            del self._hosts[id(module)]
 
     # ------------------------------------------------------------------ modes
     @contextlib.contextmanager
@@ -410,7 +380,7 @@ class DeltaModel(nn.Module):
             raise AdapterError("adapter_names must be a non-empty list, one name per sample")
         names = tuple(adapter_names)
         for n in set(names) - {BASE}:
-            self._adapter(n)
+            self.get_adapter(n)
         if self.merged_adapters:
             raise MergeError("unmerge() before running a mixed batch: merged weights are shared")
         # the same list of names gets the same Routing, so what deltas derive from it (sample
@@ -441,7 +411,7 @@ class DeltaModel(nn.Module):
         names = self._names(adapter_names, self._state.active)
         todo: list[Attachment] = []
         for name in names:
-            adapter = self._adapter(name)
+            adapter = self.get_adapter(name)
             if not adapter.method.mergeable:
                 raise MergeError(
                     f"adapter {name!r} uses method {adapter.method.id!r}, which cannot be merged "
@@ -455,7 +425,7 @@ class DeltaModel(nn.Module):
             if name not in self._state.active:
                 raise MergeError(f"adapter {name!r} is not active; set_active() it to merge it")
             for att in adapter.attachments:
-                why = _merge_refusal(att)
+                why = _merge_refusal(att.site)
                 if why:
                     raise MergeError(f"adapter {name!r} cannot be merged: {why}")
                 todo.append(att)
@@ -466,7 +436,7 @@ class DeltaModel(nn.Module):
         self._check_live()
         names = self._names(adapter_names, self.merged_adapters)
         for name in names:
-            self._adapter(name)
+            self.get_adapter(name)
         todo = [a for a in self._ledger.merged() if a.adapter in names]
         self._ledger.unmerge(todo)
 
@@ -493,25 +463,69 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str, adapters: Sequence[str] | None = None) -> None:
         """Write the adapters (delta parameters only) as safetensors + a JSON config."""
-        from ._io import save_adapters
+        from .features.saving import save_adapters
 
         self._check_live()
         save_adapters(self, directory, adapters)
 
 
-def _merge_refusal(att: Attachment) -> str | None:
-    site = att.site
+def _merge_refusal(site: Site) -> str | None:
     if not isinstance(site, ModuleSite):
         return f"site {site.name!r} is a token sequence"
-    if site.entry is not None or site.parameter("weight") is None:
-        return f"site {site.name!r} ({site.role or 'module'}) has no weight to fold the delta into"
-    if site.weight is None and site.role != "norm" and not _is_affine(site.module):
-        return f"site {site.name!r} is not a projection or a norm"
-    return None
+    return site.merge_refusal()
 
 
-def _is_affine(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase)
+def _check_sites(spec: Method, cfg: DeltaConfig, sites: list[Site], targets: list[str]) -> None:
+    """Raise :class:`TargetError` unless ``spec`` can attach at every site."""
+    if not sites:
+        raise TargetError(
+            f"method {spec.id!r} found no site it can attach to among targets {targets}"
+        )
+    refused = [(s, r) for s in sites if (r := spec.refusal(cfg, s)) is not None]
+    if not refused:
+        return
+    site, reason = refused[0]
+    more = f" ({len(refused) - 1} more sites refused)" if len(refused) > 1 else ""
+    if set(site_kinds_of(site)) & set(spec.site_kinds):  # the method's own check refused it
+        hint = "Choose targets this method accepts, or change the config."
+    else:
+        hint = f"Choose targets of the kinds it accepts: {', '.join(spec.site_kinds)}."
+    raise TargetError(
+        f"method {spec.id!r} cannot attach where targets {targets} point: {reason}{more}. {hint}"
+    )
+
+
+def _load_state(delta: DeltaModule, state: Any, site: Site, spec: Method) -> None:
+    """Load a plan's tensors for one site into its freshly built delta, converting them to
+    the delta's dtype and device; errors name the site and the entries that differ."""
+    current = delta.state_dict()
+    if set(state) != set(current):
+        raise AdapterError(
+            f"the tensors given for site {site.name!r} are {sorted(state)}, but method "
+            f"{spec.id!r} builds a delta there with {sorted(current)}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise AdapterError(
+                f"the tensor {k!r} given for site {site.name!r} has shape {tuple(v.shape)}, "
+                f"but method {spec.id!r} builds one of shape {tuple(current[k].shape)} there"
+            )
+    with torch.no_grad():
+        delta.load_state_dict(
+            {k: v.to(dtype=current[k].dtype, device=current[k].device) for k, v in state.items()},
+            strict=True,
+        )
+
+
+def _link(attachments: list[Attachment]) -> None:
+    """Show each fast-path class this adapter's attachments of that class, so it can share
+    work between sites (:meth:`~unipeft.contract.fastpath.FastPath.link`)."""
+    by_class: dict[type, list[Attachment]] = {}
+    for att in attachments:
+        if att.fast is not None:
+            by_class.setdefault(type(att.delta), []).append(att)
+    for group in by_class.values():
+        group[0].fast.link(group)  # type: ignore[union-attr]
 
 
 def _forward_signature(backbone: nn.Module) -> inspect.Signature:

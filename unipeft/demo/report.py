@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnipeftError
+from ..contract.errors import UnipeftError
 from .train import ROW_KEYS, Row
 
 RESULTS = "results.json"

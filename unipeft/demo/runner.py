@@ -9,7 +9,7 @@ import torch
 
 import unipeft
 
-from ..zoo import Classifier, count_parameters
+from .models import Classifier, count_parameters
 from .train import Batch, PeakMemory, Recipe, Row, accuracy, fit, timed
 
 

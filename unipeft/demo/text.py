@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..data import PolaritySplit, vader_polarity_split
-from ..zoo import TextClassifier, load_minilm
+from .data import PolaritySplit, vader_polarity_split
+from .models import TextClassifier, load_minilm
 from .runner import Task, run_recipes
 from .train import Batch, Recipe, Row
 

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import DigitsSplit, DigitsTransfer, digits_transfer_split
-from ..zoo import ImageClassifier, small_clip_image_tower, small_timm_vit
+from .data import DigitsSplit, DigitsTransfer, digits_transfer_split
+from .models import ImageClassifier, small_clip_image_tower, small_timm_vit
 from .runner import Task, run_recipes
 from .train import Batch, Recipe, Row, accuracy, fit
 

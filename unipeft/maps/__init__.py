@@ -1,6 +1,14 @@
 """Structure maps: how unipeft finds semantic roles (``attn.q``, ``mlp.down``...) in a backbone."""
 
-from ._base import ROLES, BlockLayout, GenericMap, LayoutMap, StructureMap, Tower, generic_sites
+from ..contract.maps import (
+    ROLES,
+    BlockLayout,
+    GenericMap,
+    LayoutMap,
+    StructureMap,
+    Tower,
+    generic_sites,
+)
 from .builtin import BUILTIN_MAPS
 
 __all__ = [

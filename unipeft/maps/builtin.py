@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..sites import SequenceSite
-from ._base import BlockLayout, GenericMap, LayoutMap, Tower, output_features
+from ..contract.maps import BlockLayout, GenericMap, LayoutMap, Tower, output_features
+from ..contract.sites import SequenceSite
 
 
 def _hidden(module: nn.Module) -> int:

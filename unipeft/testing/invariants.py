@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .._io import WEIGHTS_FILE
-from ..config import DeltaConfig
-from ..errors import ConfigError
+from ..contract.config import DeltaConfig
+from ..contract.errors import ConfigError
+from ..contract.method import Method
+from ..features.saving import WEIGHTS_FILE
 from ..model import DeltaModel
-from ..registry import Method
 from .backbones import TinyBackbone
 from .strategies import invalid_values
 

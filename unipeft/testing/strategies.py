@@ -14,8 +14,8 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from ..config import DeltaConfig
-from ..registry import Method
+from ..contract.config import DeltaConfig
+from ..contract.method import Method
 
 INT_SPAN = 7
 FLOAT_SPAN = 4.0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ..errors import TargetError
+from ..contract.errors import TargetError
 from .invariants import INVARIANTS
 from .pytest_plugin import ConformanceCase, hypothesis_profile
 from .strategies import configs

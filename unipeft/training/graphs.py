@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnipeftError
+from ..contract.errors import UnipeftError
 
 __all__ = ["GraphedStep", "capture"]
 

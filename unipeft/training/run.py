@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import UnipeftError
+from ..contract.errors import UnipeftError
 from .checkpoint import check_writable, publish
 from .spec import RunConfig, RunConfigError, load_run_config
 from .state import CheckpointError

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import UnipeftError
+from ..contract.errors import UnipeftError
 from .config import TrainerConfig
 
 TEXT_BACKBONES = ("bert", "gpt2", "llama")
@@ -71,7 +71,7 @@ class RunConfig(BaseModel):
     @field_validator("budget")
     @classmethod
     def _check_budget(cls, value: str | float | None) -> str | float | None:
-        from ..budget import parse_budget
+        from ..features.budget import parse_budget
 
         if value is not None:
             parse_budget(value)  # ConfigError is a ValueError: pydantic reports it
@@ -155,8 +155,8 @@ def _check_duplicates(node: yaml.Node | None, source: str) -> None:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a run configuration; relative paths are resolved against the YAML's
     folder. Raises :class:`RunConfigError` naming each bad key and its line."""
-    from .._plugins import registry
-    from ..errors import PluginError
+    from ..contract.errors import PluginError
+    from ..runtime.registry import registry
 
     source = Path(path)
     try:

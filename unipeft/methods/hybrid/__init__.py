@@ -1,0 +1,5 @@
+"""Hybrid methods: gated compositions of deltas of other families."""
+
+from . import unipelt
+
+METHODS = (unipelt.METHOD,)

@@ -1,0 +1,5 @@
+"""Reparameterized methods: a weight change built from few parameters, mergeable."""
+
+from . import dora, lora
+
+METHODS = (lora.METHOD, dora.METHOD)

@@ -1,0 +1,343 @@
+"""LoRA's fast paths: the kernels behind :class:`LoraDelta`'s
+:class:`~unipeft.contract.fastpath.FastPath` methods.
+
+- :class:`_LoraLinear`: one autograd node for a Linear and its LoRA (five matmuls in
+  backward, the input gradients accumulated in one buffer);
+- :class:`SharedDown`: one ``x @ [A_1; A_2; ...]^T`` for the projections of one adapter
+  that read the same input;
+- :func:`update_fused_slices`: every slice of a fused projection in two matmuls;
+- :func:`mixed_batch`: every adapter's LoRA on its own samples in a fixed number of kernels.
+
+Each is checked against the plain path in ``tests/test_fast_paths.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .delta import LoraDelta
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``y = x W^T + b + s · (x A^T) B^T`` (``W`` stored ``(in, out)`` when ``transposed``).
+
+    Saves ``x`` (as a view), ``h = x A^T`` and the weights: no activation copy. Backward
+    runs five matmuls and adds the low-rank input gradient into the base's in place;
+    gradients of the base weight and bias are computed only when they require it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        scaling: float,
+        transposed: bool,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        wt = weight if transposed else weight.t()
+        y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
+        h = torch.mm(x2, a.t())
+        y.addmm_(h, b.t(), alpha=scaling)
+        operands = _product_operands(x)
+        if operands is not None:  # keep the factors autograd keeps anyway, not the product
+            ctx.save_for_backward(*operands, h, weight, a, b)
+        else:
+            ctx.save_for_backward(x2, h, weight, a, b)
+        ctx.product = operands is not None
+        ctx.scaling, ctx.transposed, ctx.x_shape = scaling, transposed, x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.product:  # the input again, bit for bit: the same elementwise product
+            p, q, h, weight, a, b = ctx.saved_tensors
+            x2 = torch.mul(p, q).reshape(-1, p.shape[-1])
+        else:
+            x2, h, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        # s folded into the matmuls (beta=0: the empty input is ignored): no scaling kernels
+        none = dy2.new_empty(())
+        dh = torch.addmm(none, dy2, b, beta=0, alpha=s) if (need_x or need_a) else None
+        dx = dw = dbias = da = db = None
+        if need_x:
+            dx = torch.mm(dy2, weight.t() if ctx.transposed else weight)
+            dx.addmm_(dh, a)
+            dx = dx.view(ctx.x_shape)
+        if need_w:
+            dw = torch.mm(x2.t(), dy2) if ctx.transposed else torch.mm(dy2.t(), x2)
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        if need_a:
+            da = torch.mm(dh.t(), x2)
+        if need_b:
+            db = torch.addmm(none, dy2.t(), h, beta=0, alpha=s)
+        return dx, dw, dbias, da, db, None, None
+
+
+def _product_operands(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(p, q)`` when ``x`` is the elementwise product ``p * q`` and autograd already keeps
+    both factors for its own backward: the input of a gated MLP's down projection
+    (``act(gate) * up``). Saving them instead of ``x`` costs one multiplication in backward
+    and no activation memory."""
+    if torch.compiler.is_compiling():
+        return None
+    fn = x.grad_fn
+    if fn is None or type(fn).__name__ != "MulBackward0":
+        return None
+    try:
+        p, q = fn._saved_self, fn._saved_other
+    except RuntimeError:  # already released
+        return None
+    for t in (p, q):
+        if not isinstance(t, Tensor) or t.shape != x.shape or t.dtype != x.dtype:
+            return None
+    return p, q
+
+
+_SHARED_ROLES = {"attn.q": "attn_in", "attn.k": "attn_in", "attn.v": "attn_in"}
+_SHARED_ROLES.update({"mlp.gate": "mlp_in", "mlp.up": "mlp_in"})
+
+
+class SharedDown:
+    """One ``x @ [A_1; A_2; ...]^T`` for LoRA deltas of one adapter that read the same ``x``.
+
+    The first member called with a given input computes the projection for all of them;
+    the others take their columns as long as they are called with the very same tensor
+    (same object, unchanged) in the same grad mode and no ``A`` changed in between. The
+    result is held only until every member has taken its part.
+    """
+
+    def __init__(self, members: list[LoraDelta], ranks: list[int] | None = None) -> None:
+        self.members = members
+        self.ranks = ranks if ranks is not None else [d.r for d in members]
+        self.offsets = [sum(self.ranks[:i]) for i in range(len(self.ranks))]
+        self._x: weakref.ref[Tensor] | None = None
+        self._key: tuple = ()
+        self._h: Tensor | None = None
+        self._taken: set[int] = set()
+        self._frozen: dict[str, tuple[tuple, Tensor]] = {}  # stacks reused without gradients
+
+    def _reuse(self, name: str, key: tuple, build: Callable[[], Tensor]) -> Tensor:
+        """``build()``, kept under ``name`` while ``key`` holds when no gradient is needed."""
+        if torch.is_grad_enabled():
+            return build()
+        old = self._frozen.get(name)
+        if old is not None and old[0] == key:
+            return old[1]
+        value = build()
+        self._frozen[name] = (key, value)
+        return value
+
+    def stacked_a(self, dtype: torch.dtype) -> Tensor:
+        """``[A_1; A_2; ...]`` ``(Σr, in)`` in ``dtype``."""
+        key = (dtype, *((id(m.A), m.A._version) for m in self.members))
+        return self._reuse("A", key, lambda: torch.cat([m.A for m in self.members]).to(dtype))
+
+    def block_b(self, slices: list[tuple[int, int]], width: int, dtype: torch.dtype) -> Tensor:
+        """``(width, Σr)``: member i's ``s_i B_i`` in rows ``slices[i]`` and its own
+        columns, zeros elsewhere, so one matmul updates every slice of a fused output."""
+        key = (dtype, width, tuple(slices), *((id(m.B), m.B._version) for m in self.members))
+
+        def build() -> Tensor:
+            first = self.members[0].B
+            out = torch.zeros(width, sum(self.ranks), dtype=dtype, device=first.device)
+            for m, (start, stop), off in zip(self.members, slices, self.offsets):
+                out[start:stop, off : off + m.r] = m.B.to(dtype) * m.scaling
+            return out
+
+        return self._reuse("B", key, build)
+
+    def __deepcopy__(self, memo: dict) -> SharedDown:
+        # a copy shares nothing with this forward pass (the members may be half-built here)
+        return SharedDown([copy.deepcopy(m, memo) for m in self.members], list(self.ranks))
+
+    def __getstate__(self) -> dict:
+        return {"members": self.members, "ranks": self.ranks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"], state["ranks"])  # type: ignore[misc]
+
+    def down(self, delta: LoraDelta, x: Tensor) -> Tensor:
+        i = next(j for j, m in enumerate(self.members) if m is delta)
+        key = (
+            None if x.is_inference() else x._version,  # inference tensors have no counter
+            x.dtype,
+            torch.is_grad_enabled(),
+            tuple(m.A._version for m in self.members),
+        )
+        h = self._h
+        if (
+            h is None
+            or self._x is None
+            or self._x() is not x
+            or self._key != key
+            or i in self._taken
+        ):
+            h = F.linear(x, self.stacked_a(x.dtype))
+            self._x, self._key, self._h, self._taken = weakref.ref(x), key, h, set()
+        self._taken.add(i)
+        if len(self._taken) == len(self.members):
+            self.clear()
+        return h.narrow(-1, self.offsets[i], self.ranks[i])
+
+    def clear(self) -> None:
+        self._x, self._h, self._key, self._taken = None, None, (), set()
+
+
+def update_fused_slices(
+    deltas: list[LoraDelta], slices: list[tuple[int, int]], x: Tensor, y: Tensor
+) -> Tensor | None:
+    """All slices of a fused projection (timm ``qkv``, GPT-2 ``c_attn``, MHA ``in_proj``)
+    in two matmuls, without gradients: ``h = x [A_1; ...]^T`` and ``y += h B_block^T``
+    into ``y`` itself. ``None`` unless ``deltas`` are exactly one shared group."""
+    shared = deltas[0]._shared
+    if (
+        shared is None
+        or torch.is_grad_enabled()
+        or len(shared.members) != len(deltas)
+        or any(d.drops for d in deltas)
+    ):
+        return None
+    where = {id(d): sl for d, sl in zip(deltas, slices)}
+    if any(id(m) not in where for m in shared.members):
+        return None
+    slices = [where[id(m)] for m in shared.members]  # in the group's column order
+    width = y.shape[-1]
+    y2 = _view(y, (-1, width))
+    if y2 is None:
+        return None
+    h = F.linear(x, shared.stacked_a(x.dtype)).reshape(-1, sum(shared.ranks))
+    y2.addmm_(h.to(y.dtype), shared.block_b(slices, width, y.dtype).t())
+    return y
+
+
+def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """``t.view(shape)`` when that is possible without a copy, else ``None``."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return None
+
+
+def _mixed_masked(
+    deltas: list[LoraDelta], x: Tensor, y: Tensor, slots: Tensor, cache: dict
+) -> Tensor | None:
+    """A mixed batch without gradients in three kernels and no per-sample gather: every
+    adapter's ``x A_j^T`` at once (``(…, Σr)``), the columns of other adapters zeroed per
+    sample, and one ``addmm_`` with every ``s_j B_j`` side by side. Used on GPUs while
+    ``Σr`` is small (the zeroed columns are wasted work)."""
+    total = sum(d.r for d in deltas)
+    width = y.shape[-1]
+    n = x.shape[0]
+    y2 = _view(y, (-1, width))
+    if total > 512 or y2 is None or y.shape[0] != n:
+        return None
+    key = tuple((id(d.A), d.A._version, id(d.B), d.B._version) for d in deltas)
+    stack = cache.get("masked")
+    if stack is None or stack[0] != key or stack[1].dtype != x.dtype:
+        a = torch.cat([d.A for d in deltas]).to(x.dtype)
+        b = torch.cat([d.B * d.scaling for d in deltas], dim=1).to(y.dtype)
+        owner = torch.repeat_interleave(
+            torch.arange(len(deltas), device=slots.device),
+            torch.tensor([d.r for d in deltas], device=slots.device),
+        )
+        stack = cache["masked"] = (key, a, b, owner, {})
+    _, a, b, owner, masks = stack
+    ref = masks.get("slots")
+    if ref is None or ref[0]() is not slots:  # one mask per routing (the model keeps those)
+        masks["slots"] = (weakref.ref(slots), (slots.unsqueeze(1) == owner).to(x.dtype))
+    mask = masks["slots"][1]
+    h = F.linear(x, a).view(n, -1, total)
+    h.mul_(mask.unsqueeze(1))
+    y2.addmm_(h.view(-1, total).to(y.dtype), b.t())
+    return y
+
+
+def _stacked(deltas: list[LoraDelta], cache: dict) -> tuple[Tensor, Tensor]:
+    # the key holds the deltas themselves (not their ids, which Python may reuse) and the
+    # version counters that every in-place update of a factor bumps
+    key = [(d, d.A._version, d.B._version) for d in deltas]
+    grad = torch.is_grad_enabled() and any(d.A.requires_grad for d in deltas)
+    old = cache.get("lora_key")
+    if not grad and old is not None and len(old) == len(key):
+        if all(o[0] is k[0] and o[1:] == k[1:] for o, k in zip(old, key)):
+            return cache["lora_A"], cache["lora_B"]
+    r = max(d.r for d in deltas)
+    a = torch.stack([F.pad(d.A, (0, 0, 0, r - d.r)) for d in deltas])
+    b = torch.stack([F.pad(d.B * d.scaling, (0, r - d.r)) for d in deltas])
+    a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])  # the slot of samples without one here
+    b = torch.cat([b, b.new_zeros(1, *b.shape[1:])])
+    if not grad:
+        cache.update(lora_key=key, lora_A=a, lora_B=b)
+    return a, b
+
+
+def link_shared(attachments: list[Any]) -> None:
+    """Give LoRA deltas of one adapter that read the same input one :class:`SharedDown`.
+
+    Candidates: the slices of one fused projection, and per layer the q/k/v projections
+    and the gate/up projections. Sharing is checked on every call (the same tensor
+    object, unchanged), so a candidate that gets another input computes its own."""
+    groups: dict[tuple, list[LoraDelta]] = {}
+    for att in attachments:
+        site, delta = att.site, att.delta
+        if delta.shape.is_conv or site.entry is not None:
+            continue
+        if site.out_slice is not None:
+            key: tuple = ("fused", id(site.module))
+        elif site.layer is not None and site.role in _SHARED_ROLES:
+            key = (_SHARED_ROLES[site.role], site.tower, site.layer)
+        else:
+            continue
+        groups.setdefault((*key, delta.shape.in_features), []).append(delta)
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedDown(members)
+            for d in members:
+                d._shared = shared
+
+
+def mixed_batch(
+    deltas: list[LoraDelta], x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
+) -> Tensor | None:
+    """Every adapter's LoRA on its own samples with two batched matmuls.
+
+    Factors are padded to the largest rank and stacked, with a zero slot for samples
+    without an adapter here: ``A`` ``(k+1, r, in)``, ``B·s`` ``(k+1, out, r)``; each
+    sample gathers its pair. Stacks are reused while no factor changed. Without
+    gradients the second matmul accumulates into ``y`` in place.
+    """
+    if x is None or any(d.shape.is_conv for d in deltas):
+        return None
+    if any(d.drops for d in deltas):
+        return None  # dropout differs per adapter; the per-group path applies each one
+    if not torch.is_grad_enabled() and x.device.type != "cpu":
+        # on a GPU kernel launches cost more than the masked columns' arithmetic; on the
+        # CPU the arithmetic dominates, so the per-sample gather below is cheaper there
+        out = _mixed_masked(deltas, x, y, slots, cache)
+        if out is not None:
+            return out
+    a, b = _stacked(deltas, cache)
+    n = x.shape[0]
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.to(x.dtype)[slots].transpose(1, 2))
+    bt = b.to(y.dtype)[slots].transpose(1, 2)
+    grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad)
+    y3 = _view(y, (n, -1, y.shape[-1]))
+    if not grad and y3 is not None:
+        y3.baddbmm_(h.to(y.dtype), bt)
+        return y
+    return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h.to(y.dtype), bt).reshape(y.shape)

@@ -1,0 +1,127 @@
+"""Exact merging: fold deltas into base weights and take them out again bit for bit.
+
+Unmerging by subtraction drifts (``(W + Δ) - Δ != W`` in floating point, badly so in
+bf16). Instead the ledger keeps a pristine copy of every base tensor it touches while any
+delta is merged into it, and rebuilds the tensor from that copy whenever the set of merged
+deltas changes. When the last delta leaves, the copy is written back and dropped, so the
+weights are the original bits after any number of merge/unmerge cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..contract.sites import ModuleSite
+from .state import Attachment
+
+
+@dataclass(eq=False)
+class _Record:
+    module: nn.Module
+    weight_name: str
+    bias_name: str
+    pristine_weight: Tensor
+    pristine_bias: Tensor | None
+    merged: list[Attachment] = field(default_factory=list)
+    created_bias: bool = False
+
+
+def _names(site: ModuleSite) -> tuple[str, str]:
+    if site.weight is not None:
+        return site.weight.weight_name, site.weight.bias_name
+    return "weight", "bias"
+
+
+class MergeLedger:
+    """Pristine copies of the base tensors that hold merged deltas."""
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[int, str], _Record] = {}
+
+    def merged(self) -> list[Attachment]:
+        return [a for r in self._records.values() for a in r.merged]
+
+    def merge(self, attachments: Iterable[Attachment]) -> None:
+        touched: dict[int, _Record] = {}
+        for att in attachments:
+            site = att.site
+            assert isinstance(site, ModuleSite)
+            rec = self._record(site)
+            rec.merged.append(att)
+            att.merged = True
+            touched[id(rec)] = rec
+        for rec in touched.values():
+            self._rebuild(rec)
+
+    def unmerge(self, attachments: Iterable[Attachment]) -> None:
+        touched: dict[int, _Record] = {}
+        for att in attachments:
+            for rec in self._records.values():
+                if att in rec.merged:
+                    rec.merged.remove(att)
+                    touched[id(rec)] = rec
+            att.merged = False
+        for rec in touched.values():
+            self._rebuild(rec)
+
+    def _record(self, site: ModuleSite) -> _Record:
+        wname, bname = _names(site)
+        key = (id(site.module), wname)
+        rec = self._records.get(key)
+        if rec is None:
+            w = getattr(site.module, wname)
+            b = getattr(site.module, bname, None)
+            rec = self._records[key] = _Record(
+                site.module,
+                wname,
+                bname,
+                w.detach().clone(),
+                None if b is None else b.detach().clone(),
+            )
+        return rec
+
+    @torch.no_grad()
+    def _rebuild(self, rec: _Record) -> None:
+        module = rec.module
+        getattr(module, rec.weight_name).data.copy_(rec.pristine_weight)
+        bias = getattr(module, rec.bias_name, None)
+        if rec.pristine_bias is not None and bias is not None:
+            bias.data.copy_(rec.pristine_bias)
+        elif rec.created_bias and bias is not None:
+            bias.data.zero_()
+        for att in rec.merged:
+            site = att.site
+            assert isinstance(site, ModuleSite)
+            weight, bias_view = site.weight_views()
+            new_w, new_b = att.delta.merged(weight, bias_view)
+            weight.copy_(new_w.to(weight.dtype))
+            if new_b is None:
+                continue
+            if bias_view is None:
+                self._create_bias(rec, site)
+                weight, bias_view = site.weight_views()
+            assert bias_view is not None
+            bias_view.copy_(new_b.to(bias_view.dtype))
+        # writes through .data leave the parameters' version counters alone; bump them so
+        # that anything cached from these weights (DoRA's ‖W‖²) sees the change
+        for name in (rec.weight_name, rec.bias_name):
+            param = getattr(module, name, None)
+            if isinstance(param, Tensor):
+                torch.autograd.graph.increment_version(param)
+        if not rec.merged:
+            if rec.created_bias:
+                del module._parameters[rec.bias_name]
+                module.register_parameter(rec.bias_name, None)
+            del self._records[(id(module), rec.weight_name)]
+
+    def _create_bias(self, rec: _Record, site: ModuleSite) -> None:
+        w = getattr(rec.module, rec.weight_name)
+        conv1d_t = site.weight is not None and site.weight.layout == "conv1d_t"
+        n_out = w.shape[1] if conv1d_t else w.shape[0]
+        bias = torch.zeros(n_out, dtype=w.dtype, device=w.device)
+        setattr(rec.module, rec.bias_name, nn.Parameter(bias, requires_grad=False))
+        rec.created_bias = True

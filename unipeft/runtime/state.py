@@ -1,0 +1,91 @@
+"""What every host reads on a forward pass: which adapters run, on which samples, and the
+record of one delta attached at one site."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..contract.deltas import DeltaModule
+from ..contract.fastpath import FastPath
+from ..contract.sites import ModuleSite, SequenceSite
+
+
+@dataclass
+class Routing:
+    """A mixed batch: which adapter each sample uses, grouped once per forward pass."""
+
+    names: tuple[str, ...]
+    groups: dict[str, Tensor]  # adapter -> indices of its samples (int64)
+    _slots: dict[tuple, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, names: tuple[str, ...], device: torch.device | None = None) -> Routing:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        return cls(names, {k: torch.tensor(v, device=device) for k, v in groups.items()})
+
+    def slots(self, adapters: tuple[str, ...], device: torch.device) -> Tensor:
+        """``(N,)``: the position in ``adapters`` of each sample's adapter; ``len(adapters)``
+        for samples whose adapter is not among them. Cached for the forward pass."""
+        key = (adapters, device)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = torch.full((len(self.names),), len(adapters), dtype=torch.int64)
+            for j, name in enumerate(adapters):
+                if name in self.groups:
+                    slot[self.groups[name].cpu()] = j
+            slot = self._slots[key] = slot.to(device)
+        return slot
+
+    def indices(self, adapter: str, device: torch.device) -> Tensor:
+        idx = self.groups[adapter]
+        if idx.device != device:
+            idx = self.groups[adapter] = idx.to(device)
+        return idx
+
+
+@dataclass
+class AdapterState:
+    """What the hooks read on every forward: which adapters run, on which samples."""
+
+    active: tuple[str, ...] = ()
+    enabled: bool = True
+    routing: Routing | None = None
+
+    def runs(self, adapter: str) -> bool:
+        if not self.enabled:
+            return False
+        if self.routing is not None:
+            return adapter in self.routing.groups
+        return adapter in self.active
+
+
+@dataclass(eq=False)
+class Attachment:
+    """One delta of one adapter at one site. ``fast`` is the delta when its class
+    implements :class:`~unipeft.contract.fastpath.FastPath` (looked up once, here)."""
+
+    adapter: str
+    site: ModuleSite | SequenceSite
+    delta: DeltaModule
+    merged: bool = False
+    fast: FastPath | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.fast = self.delta if isinstance(self.delta, FastPath) else None
+
+
+def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    hs = kwargs.get("hidden_states")
+    if isinstance(hs, Tensor):
+        return hs
+    for value in kwargs.values():
+        if isinstance(value, Tensor):
+            return value
+    return None

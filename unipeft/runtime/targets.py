@@ -1,0 +1,207 @@
+"""Resolve targets (roles with layer selection, or module-name regexes) to sites.
+
+Target syntax::
+
+    attn.q              every layer's query projection (every tower)
+    attn.q[0:4]         layers 0..3 (Python slice, negative indices allowed)
+    attn.q[0,2,-1]      layers 0, 2 and the last
+    text/attn.v         the text tower only (open_clip: ``visual`` / ``text``)
+    re:.*\\.fc1          modules whose full name matches the regex (the generic map)
+    encoder.layer.0.attention.self.query    anything not a role is a module-name regex
+    mlp.gate?           a trailing ``?`` makes a target optional: it may match nothing,
+                        and sites it reaches that the method refuses are skipped
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..contract.errors import TargetError
+from ..contract.maps import ROLES, StructureMap, generic_sites
+from ..contract.sites import Site
+
+_TARGET = re.compile(
+    r"^(?:(?P<tower>[A-Za-z_]\w*)/)?(?P<role>[a-z]+(?:\.[a-z]+)?)(?:\[(?P<sel>[^\]]*)\])?$"
+)
+
+
+@dataclass(frozen=True)
+class RoleTarget:
+    text: str
+    role: str
+    tower: str | None
+    selector: str | None
+    optional: bool = False
+
+    def layers(self, n_layers: int) -> set[int]:
+        if self.selector is None:
+            return set(range(n_layers))
+        sel = self.selector.strip()
+        try:
+            if ":" in sel:
+                parts = [int(p) if p.strip() else None for p in sel.split(":")]
+                return set(range(n_layers)[slice(*parts)])
+            picked = [int(p) for p in sel.split(",")]
+        except ValueError:
+            raise TargetError(
+                f"target {self.text!r}: layer selector [{sel}] must be a slice like [0:4] or "
+                "a list like [0,2,-1]"
+            ) from None
+        for i in picked:
+            if not -n_layers <= i < n_layers:
+                raise TargetError(
+                    f"target {self.text!r}: layer {i} is out of range; this stack has "
+                    f"{n_layers} layers (0..{n_layers - 1})"
+                )
+        return {i % n_layers for i in picked}
+
+
+@dataclass(frozen=True)
+class RegexTarget:
+    text: str
+    pattern: re.Pattern[str]
+    optional: bool = False
+
+
+def parse_target(text: str) -> RoleTarget | RegexTarget:
+    if not isinstance(text, str) or not text or text == "?":
+        raise TargetError(f"a target must be a non-empty string, got {text!r}")
+    optional = text.endswith("?")
+    body = text[:-1] if optional else text
+    if body.startswith("re:"):
+        return RegexTarget(text, _compile(text, body[3:]), optional)
+    m = _TARGET.match(body)
+    if m and m["role"] in ROLES:
+        return RoleTarget(text, m["role"], m["tower"], m["sel"], optional)
+    return RegexTarget(text, _compile(text, body), optional)
+
+
+def _compile(text: str, pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise TargetError(f"target {text!r} is not a role and not a valid regex: {exc}") from None
+
+
+def pick_map(model: nn.Module, maps: Sequence[StructureMap]) -> StructureMap:
+    for smap in maps:
+        if smap.matches(model):
+            return smap
+    raise TargetError(f"no structure map matches {type(model).__name__}")  # generic always does
+
+
+def all_sites(model: nn.Module, smap: StructureMap) -> list[Site]:
+    """The map's sites plus generic sites for every module (names are unique)."""
+    seen: set[str] = set()
+    out: list[Site] = []
+    sites = list(smap.sites(model)) if smap.name != "generic" else []
+    for site in [*sites, *generic_sites(model)]:
+        if site.name not in seen:
+            seen.add(site.name)
+            out.append(site)
+    return out
+
+
+def describe_roles(sites: Sequence[Site]) -> str:
+    counts = Counter(
+        (f"{s.tower}/" if s.tower else "") + s.role for s in sites if s.role is not None
+    )
+    return ", ".join(f"{r} (x{n})" for r, n in sorted(counts.items())) or "none"
+
+
+def resolve_targets(
+    model: nn.Module, targets: Sequence[str], maps: Sequence[StructureMap]
+) -> tuple[StructureMap, list[Site], set[str]]:
+    """Sites for ``targets``, without duplicates, and the names of the sites reached only
+    through optional targets."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise TargetError("targets is empty; name at least one role or module regex")
+    parsed = [parse_target(t) for t in targets]
+    smap = pick_map(model, maps)
+    role_targets = [p for p in parsed if isinstance(p, RoleTarget)]
+    if role_targets and smap.name == "generic":
+        roles = ", ".join(p.text for p in role_targets)
+        raise TargetError(
+            f"targets {roles} are semantic roles, but no structure map recognises "
+            f"{type(model).__name__}. The generic map reaches any module by name instead: pass "
+            "module-name regexes such as 're:.*\\.fc1' or 'encoder.0.linear' (see "
+            "unipeft.inspect_sites(model) for the names), or register a structure map for "
+            "this architecture through the register_backbones hook."
+        )
+    map_sites = smap.sites(model) if role_targets else []
+    generic = generic_sites(model) if len(role_targets) < len(parsed) else []
+    chosen: dict[tuple, Site] = {}
+    required: set[str] = set()
+    for target in parsed:
+        matched = _match(target, map_sites, generic)
+        if not matched and not target.optional:
+            raise TargetError(
+                _no_match_message(target, model, smap, map_sites or smap.sites(model))
+            )
+        for site in matched:
+            site = chosen.setdefault(_physical_key(site), site)
+            if not target.optional:
+                required.add(site.name)
+    if not chosen:
+        roles = describe_roles(map_sites or smap.sites(model))
+        raise TargetError(
+            f"targets {list(targets)} match nothing on {type(model).__name__} (map "
+            f"{smap.name!r}); roles on this backbone: {roles}"
+        )
+    optional_only = {s.name for s in chosen.values()} - required
+    return smap, list(chosen.values()), optional_only
+
+
+def _physical_key(site: Site) -> tuple:
+    entry = getattr(site, "entry", None)
+    module = getattr(site, "module", None) or getattr(site, "insert", None)
+    return (
+        site.kind,
+        id(module),
+        getattr(site, "out_slice", None),
+        id(entry) if entry else None,
+        site.name if site.kind == "sequence" else None,
+    )
+
+
+def _match(target, map_sites: list[Site], generic: list[Site]) -> list[Site]:
+    if isinstance(target, RegexTarget):
+        return [s for s in generic if target.pattern.fullmatch(s.name)]
+    candidates = [
+        s
+        for s in map_sites
+        if s.role == target.role and (target.tower is None or s.tower == target.tower)
+    ]
+    if target.selector is None or target.role in ("embed", "tokens"):
+        return candidates
+    out: list[Site] = []
+    by_tower: dict[str | None, list[Site]] = {}
+    for s in candidates:
+        by_tower.setdefault(s.tower, []).append(s)
+    for tower_sites in by_tower.values():
+        n_layers = 1 + max(s.layer for s in tower_sites if s.layer is not None)
+        keep = target.layers(n_layers)
+        out.extend(s for s in tower_sites if s.layer in keep)
+    return out
+
+
+def _no_match_message(target, model: nn.Module, smap: StructureMap, sites: list[Site]) -> str:
+    name = type(model).__name__
+    if isinstance(target, RegexTarget):
+        sample = [s.name for s in generic_sites(model)][:8]
+        return (
+            f"target {target.text!r} matches no module of {name}. Module-name targets are "
+            f"regexes matched against full names such as {', '.join(sample)}. "
+            f"Roles on this backbone (map {smap.name!r}): {describe_roles(sites)}"
+        )
+    return (
+        f"target {target.text!r} matches nothing on {name} (map {smap.name!r}). Roles on "
+        f"this backbone: {describe_roles(sites)}"
+    )
