@@ -236,7 +236,8 @@ class DeltaModel(nn.Module):
         except BaseException:
             for att in reversed(done):
                 self._hosts.remove(att)
-            self.deltas.pop(adapter_name, None)
+            if adapter_name in self.deltas:
+                del self.deltas[adapter_name]
             if first:
                 self._requires_grad = None
             raise

@@ -19,7 +19,9 @@ Sections:
 * open_clip: LoRA on the image tower's ``nn.MultiheadAttention`` against the plain tower;
 * apply: ``unipeft.apply`` against ``peft.get_peft_model``.
 
-This module holds the sections and the run; :mod:`unipeft.bench.perf_setup` the
+This module holds the training, inference, mixed-batch and apply sections and the run;
+:mod:`unipeft.bench.perf_clip` and :mod:`unipeft.bench.perf_graphs` the open_clip and
+CUDA-graph sections; :mod:`unipeft.bench.perf_setup` the
 configurations, targets, timers, workloads and adapters; :mod:`unipeft.bench.perf_report`
 the printed tables.
 
@@ -43,8 +45,9 @@ import torch
 from torch import nn
 
 import unipeft
-from unipeft.model import DeltaModel
 
+from .perf_clip import _clip_section
+from .perf_graphs import _graph_section
 from .perf_report import _ratio, report_sections
 from .perf_setup import (
     ADAPTER,
@@ -416,231 +419,6 @@ def _mixed_section(
             "agreement": agree,
         }
     }
-
-
-def _clip_tower(cfg: PerfConfig) -> tuple[nn.Module, dict[str, Any]]:
-    from unipeft.demo.models import ClipImageTower
-
-    torch.manual_seed(cfg.seed)
-    if cfg.clip_model is not None:
-        import open_clip
-
-        clip = open_clip.create_model(cfg.clip_model, pretrained=None)
-        label = cfg.clip_model
-        source = f"open_clip.create_model({cfg.clip_model!r}, pretrained=None).visual"
-    else:
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-        assert cfg.clip_vision is not None
-        clip = CLIP(
-            embed_dim=64,
-            vision_cfg=CLIPVisionCfg(**cfg.clip_vision),
-            text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
-        )
-        label = "small CLIP image tower"
-        source = f"open_clip CLIP(vision_cfg=CLIPVisionCfg(**{cfg.clip_vision})).visual"
-    tower = ClipImageTower(clip.visual).to(device=cfg.device, dtype=cfg.dtype).eval()
-    del clip
-    return tower, {"model": label, "source": source, "batch": cfg.clip_batch}
-
-
-def _clip_section(
-    cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
-) -> dict[str, Any]:
-    """LoRA on the image tower's attention (q, k, v slices of in_proj, and out_proj)."""
-    dev = cfg.device
-    base, describe = _clip_tower(cfg)
-    size = base.visual.image_size
-    size = size[0] if isinstance(size, tuple | list) else size
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    pixels = torch.randn(cfg.clip_batch, 3, size, size, generator=gen)
-    pixels = pixels.to(device=dev, dtype=cfg.dtype)
-    um = unipeft.apply(
-        copy.deepcopy(base),
-        "lora",
-        r=cfg.rank,
-        alpha=cfg.alpha,
-        targets=["visual/attn.q", "visual/attn.k", "visual/attn.v", "visual/attn.out"],
-    ).eval()
-    _randomise(um, "default", cfg.seed)
-    variants: dict[str, Callable[[], Any]] = {}
-    note = None
-    peft_trainable = None
-    try:
-        peft = require_peft()
-        pm = peft.get_peft_model(
-            copy.deepcopy(base),
-            peft.LoraConfig(
-                r=cfg.rank,
-                lora_alpha=cfg.alpha,
-                target_modules=r"visual\.transformer\.resblocks\.\d+\.attn",
-            ),
-        ).eval()
-        peft_trainable = _trainable(pm)
-        with torch.no_grad():
-            pm(pixels[:1])  # fail here, not in the timing loop
-    except Exception as exc:
-        note = f"PEFT could not adapt nn.MultiheadAttention: {type(exc).__name__}: {exc}"
-        pm = None
-
-    def forward(model: nn.Module) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.no_grad():
-                return model(pixels)
-
-        return run
-
-    variants = {"base": forward(base), "unipeft": forward(um)}
-    if pm is not None:
-        variants["peft"] = forward(pm)
-    progress(f"open_clip: timing the image tower at batch {cfg.clip_batch}")
-    ms = time_interleaved(
-        variants,
-        device=dev,
-        warmup=cfg.warmup,
-        repeats=cfg.repeats,
-        host=host.setdefault("open_clip", {}),
-    )
-    fig = {
-        "what": "open_clip image tower, LoRA r=16 on attention q, k, v (slices of the MHA's "
-        "in_proj) and out_proj, no_grad forward vs the plain tower",
-        **describe,
-        "base_ms": ms["base"],
-        "unipeft_ms": ms["unipeft"],
-        "peft_ms": ms.get("peft"),
-        "unipeft_to_base": _ratio(ms["unipeft"], ms["base"]),
-        "peft_to_base": _ratio(ms.get("peft"), ms["base"]),
-        "unipeft_to_peft": _ratio(ms["unipeft"], ms.get("peft")),
-        "unipeft_trainable": _trainable(um),
-        "peft_trainable": peft_trainable,
-        "peft_targets": "the nn.MultiheadAttention modules (PEFT puts one LoRA on the fused "
-        "in_proj and one on out_proj, so its parameter count differs)",
-    }
-    if note:
-        fig["note"] = note
-    del base, um, pm, variants
-    _free(dev)
-    return {"open_clip_mha_lora": fig}
-
-
-def _capture(fn: Callable[[], Any], warmup: int) -> Callable[[], None]:
-    """``fn`` captured as one CUDA graph; the returned callable replays it."""
-    from ..training.graphs import capture
-
-    return capture(fn, warmup)[0].replay
-
-
-def _graph_section(
-    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
-) -> dict[str, Any]:
-    """The training step and the unmerged forward captured as CUDA graphs, so the host's
-    kernel launches drop out and what is left is device time: frozen-base floor, LoRA on
-    every linear layer (both libraries), unipeft's DoRA; base and unmerged LoRA inference.
-    AdamW runs with ``capturable=True`` inside the graph."""
-    if cfg.device != "cuda":
-        return {}
-    steps: dict[str, Callable[[], None]] = {}
-    forwards: dict[str, Callable[[], None]] = {}
-    notes: dict[str, str] = {}
-    keep: list[Any] = []
-
-    def fresh() -> nn.Module:
-        return copy.deepcopy(work.model)
-
-    def train(model: nn.Module) -> Callable[[], None]:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, capturable=True) if params else None
-        keep.append((model, opt))
-
-        def step() -> None:
-            if opt is not None:  # backward creates the gradients inside the graph
-                opt.zero_grad(set_to_none=True)
-            work.loss(model(**work.train_inputs)).backward()
-            if opt is not None:
-                opt.step()
-
-        return step
-
-    def infer(model: nn.Module) -> Callable[[], None]:
-        model.eval()
-        keep.append(model)
-
-        def run() -> None:
-            with torch.no_grad():
-                model(**work.inputs)
-
-        return run
-
-    builders: dict[str, Callable[[], nn.Module]] = {
-        "floor": lambda: _frozen_floor(fresh()),
-        "unipeft_lora": lambda: _randomised(_unipeft_lora(fresh(), cfg, work.all_linear), cfg),
-        "peft_lora": lambda: _peft_lora(fresh(), cfg, work.all_linear),
-        "unipeft_dora": lambda: _unipeft_lora(fresh(), cfg, work.all_linear, method=DORA),
-    }
-    progress(f"{work.name}: capturing CUDA graphs")
-    for name, build in builders.items():
-        try:
-            steps[name] = _capture(train(build()), cfg.warmup + 1)
-        except Exception as exc:  # report, do not fail: capture is a property of the code
-            notes[f"train_{name}"] = f"capture failed: {type(exc).__name__}: {exc}"
-    infer_builders: dict[str, Callable[[], nn.Module]] = {
-        "base": fresh,
-        "unipeft_lora": builders["unipeft_lora"],
-        "peft_lora": builders["peft_lora"],
-    }
-    for name, build in infer_builders.items():
-        try:
-            forwards[name] = _capture(infer(build()), cfg.warmup + 1)
-        except Exception as exc:
-            notes[f"inference_{name}"] = f"capture failed: {type(exc).__name__}: {exc}"
-    progress(f"{work.name}: timing graph replays")
-    t = time_interleaved(steps, device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats)
-    i = time_interleaved(forwards, device=cfg.device, warmup=cfg.warmup, repeats=cfg.repeats)
-    # (an empty dict of variants, every capture failed, times nothing)
-    steps.clear()
-    forwards.clear()
-    keep.clear()
-    _free(cfg.device)
-    floor, base = t.get("floor"), i.get("base")
-    return {
-        "train_step_cuda_graph": {
-            "what": "the training step (forward, backward, AdamW with capturable=True) of LoRA "
-            "r=16 on every linear layer, captured as one CUDA graph and replayed: device "
-            "time without the host's launches",
-            "floor_ms": floor,
-            "unipeft_ms": t.get("unipeft_lora"),
-            "peft_ms": t.get("peft_lora"),
-            "unipeft_dora_ms": t.get("unipeft_dora"),
-            "unipeft_to_floor": _ratio(t.get("unipeft_lora"), floor),
-            "peft_to_floor": _ratio(t.get("peft_lora"), floor),
-            "unipeft_to_peft": _ratio(t.get("unipeft_lora"), t.get("peft_lora")),
-            "unipeft_dora_to_unipeft_lora": _ratio(t.get("unipeft_dora"), t.get("unipeft_lora")),
-            "notes": {k: v for k, v in notes.items() if k.startswith("train_")},
-        },
-        "inference_unmerged_cuda_graph": {
-            "what": "the no-grad forward of the base and of unmerged LoRA on every linear "
-            "layer, captured as one CUDA graph and replayed",
-            "base_ms": base,
-            "unipeft_ms": i.get("unipeft_lora"),
-            "peft_ms": i.get("peft_lora"),
-            "unipeft_to_base": _ratio(i.get("unipeft_lora"), base),
-            "peft_to_base": _ratio(i.get("peft_lora"), base),
-            "unipeft_to_peft": _ratio(i.get("unipeft_lora"), i.get("peft_lora")),
-            "notes": {k: v for k, v in notes.items() if k.startswith("inference_")},
-        },
-    }
-
-
-def _frozen_floor(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(_input_grad_hook)
-    return model
-
-
-def _randomised(model: DeltaModel, cfg: PerfConfig) -> DeltaModel:
-    _randomise(model, ADAPTER, cfg.seed)
-    return model
 
 
 def _apply_section(

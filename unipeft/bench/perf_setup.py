@@ -1,6 +1,5 @@
-"""What ``unipeft bench perf`` measures with: the configurations and targets, the timer and
-memory helpers, the workloads (models, inputs, losses) and the adapters of both libraries.
-The sections themselves are in :mod:`unipeft.bench.perf`."""
+"""What ``unipeft bench perf`` measures with: configurations, targets, timers, memory helpers,
+workloads (models, inputs, losses) and both libraries' adapters (sections: :mod:`.perf`)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 import unipeft
 from unipeft.contract.errors import UnipeftError
-from unipeft.model import DeltaModel, site_key
+from unipeft.model import DeltaModel
 
 GIB = 2**30
 ADAPTER = "a0"
@@ -524,8 +523,8 @@ def _randomise(um: DeltaModel, name: str, seed: int, std: float = 0.05) -> None:
     """Give ``B`` random values (it starts at zero), reproducibly."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for site in um.adapters[name].sites:
-            b = um.deltas[name][site_key(site)].B
+        for att in um.adapters[name].attachments:
+            b = att.delta.B
             b.copy_(torch.randn(b.shape, generator=gen) * std)
 
 
@@ -539,7 +538,7 @@ def _copy_lora(um: DeltaModel, uname: str, pm: Any, pname: str) -> int:
             path = getattr(site, "path", None)
             if getattr(site, "out_slice", None) is not None or path not in layers:
                 raise RuntimeError(f"no PEFT LoRA layer matches unipeft site {site.name!r}")
-            delta = um.deltas[uname][site_key(site)]
+            delta = um.adapters[uname].delta_at(site)
             layer = layers[path]
             layer.lora_A[pname].weight.copy_(delta.A.reshape(layer.lora_A[pname].weight.shape))
             layer.lora_B[pname].weight.copy_(delta.B.reshape(layer.lora_B[pname].weight.shape))
@@ -588,3 +587,14 @@ def _trainable(model: nn.Module) -> int:
 
 def _input_grad_hook(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
     return output.detach().requires_grad_(True)
+
+
+def _frozen_floor(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(_input_grad_hook)
+    return model
+
+
+def _randomised(model: DeltaModel, cfg: PerfConfig) -> DeltaModel:
+    _randomise(model, ADAPTER, cfg.seed)
+    return model

@@ -19,8 +19,8 @@ from unipeft.contract.method import Method, site_kinds_of
 from unipeft.contract.sites import Site
 from unipeft.runtime.targets import pick_map
 
-from . import CliError, cli_errors, print_json, stdout_console, warn
 from ._backbones import Backbone, load_backbone, spec_forms
+from ._common import CliError, cli_errors, print_json, stdout_console, warn
 
 JSON_HELP = "Print JSON (machine readable, no markup) instead of tables."
 

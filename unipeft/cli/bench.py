@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import cli_errors, fail, warn
+from ._common import cli_errors, fail, warn
 
 bench_app = typer.Typer(
     no_args_is_help=True,

@@ -30,7 +30,7 @@ def demo(
     matched trainable budgets: pretrained all-MiniLM-L6-v2 on VADER word polarity, and
     small timm / open_clip ViTs pretrained on digits 0-4 and adapted to digits 5-9."""
     from ..demo import run_demo
-    from . import cli_errors
+    from ._common import cli_errors
 
     with cli_errors():
         run_demo(output, seed=seed, quick=quick, device=device)

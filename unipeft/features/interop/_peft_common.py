@@ -8,6 +8,8 @@ from torch import nn
 
 from ...contract.errors import LoadError
 from ...contract.sites import ModuleSite, SequenceSite
+from ...runtime.registry import registry
+from ...runtime.targets import all_sites, pick_map
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,9 +33,8 @@ _ENCODER_NOTE = (
 
 def _sequence_site(backbone: nn.Module) -> SequenceSite:
     """The one Hugging Face text token sequence, where PEFT's prompt tuning puts its tokens."""
-    from ... import inspect_sites
-
-    found = [s for s in inspect_sites(backbone) if isinstance(s, SequenceSite)]
+    sites = all_sites(backbone, pick_map(backbone, registry().sorted_maps()))
+    found = [s for s in sites if isinstance(s, SequenceSite)]
     text = [s for s in found if s.style == "hf_text"]
     if len(text) != 1:
         what = f"{len(text)} Hugging Face text token sequences" if text else "no text sequence"
