@@ -201,3 +201,30 @@ def test_no_module_is_over_600_lines() -> None:
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600
     }
     assert not long, f"modules over 600 lines (split each into modules of one idea): {long}"
+
+
+def _private_members_of_delta_model() -> set[str]:
+    tree = ast.parse((PACKAGE / "model.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DeltaModel")
+    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "self":
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_only_model_py_touches_delta_models_private_members() -> None:
+    private = _private_members_of_delta_model()
+    assert {"_adapters", "_hosts", "_check_live"} <= private
+    offenders = []
+    for module, path in MODULES.items():
+        if module == "unipeft.model":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                owner = node.value
+                if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                    continue  # a class of that module with a member of the same name
+                offenders.append(f"{module}:{node.lineno}: .{node.attr}")
+    assert not offenders, f"private members of DeltaModel used outside model.py: {offenders}"
