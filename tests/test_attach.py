@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import ClassVar
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_a_refusal_by_accepts_says_why_not_which_kinds() -> None:
 class _CountingLowRank(LowRankDelta):
     """A low-rank delta with the FastPath protocol, counting the fused calls it gets."""
 
-    calls: dict[str, int] = {}
+    calls: ClassVar[dict[str, int]] = {}
 
     def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
         self.calls["update_"] = self.calls.get("update_", 0) + 1
