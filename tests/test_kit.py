@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 
@@ -10,7 +13,15 @@ from unipeft.testing.invariants import INVARIANTS
 from unipeft.testing.strategies import configs, invalid_values
 
 
-def test_plugin_author_command_runs_the_suite(pytester: pytest.Pytester) -> None:
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No hypothesis storage chosen by the environment; a user cache directory of our own."""
+    monkeypatch.delenv("HYPOTHESIS_STORAGE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_plugin_author_command_runs_the_suite(pytester: pytest.Pytester, clean_env: Path) -> None:
     result = pytester.runpytest_subprocess(
         "-p",
         "no:cacheprovider",
@@ -21,7 +32,126 @@ def test_plugin_author_command_runs_the_suite(pytester: pytest.Pytester) -> None
         "bert,timm_vit,open_clip",
     )
     result.assert_outcomes(passed=3 * len(INVARIANTS))
-    result.stdout.fnmatch_lines(["*lora-open_clip-unload_restores*PASSED*"])
+    # the suite lies outside this rootdir; its node ids still have a path
+    result.stdout.fnmatch_lines(
+        ["unipeft/testing/suite.py::test_conformance[[]lora-open_clip-unload_restores[]] PASSED*"]
+    )
+    # hypothesis kept its files in the user's cache, not in the plugin author's folder
+    assert not (pytester.path / ".hypothesis").exists()
+    assert (clean_env / "unipeft" / "hypothesis").is_dir()
+
+
+def test_a_printed_node_id_selects_its_test_from_anywhere(
+    pytester: pytest.Pytester, clean_env: Path
+) -> None:
+    node = "unipeft/testing/suite.py::test_conformance[lora-bert-trainable_count]"
+    for extra in (["--unipeft-conformance", "lora"], []):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", node, *extra)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"{node.replace('[', '[[]')} PASSED*"])
+    assert not (pytester.path / ".hypothesis").exists()
+
+
+def test_unknown_backbone_is_a_usage_error_listing_the_registered_ones(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest_subprocess(
+        "--unipeft-conformance", "lora", "--unipeft-backbones", "bert,nope"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "unknown tiny backbone(s) ['nope']; registered: bert, gpt2" in result.stderr.str()
+
+
+TOY_PLUGIN = """
+import torch
+from torch import nn
+
+import unipeft
+from unipeft.maps import BlockLayout, LayoutMap, Tower
+from unipeft.maps.tiny import TinyBackbone
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.wq, self.wv, self.up, self.down = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.wv(h) * torch.sigmoid(self.wq(h))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stack = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for block in self.stack:
+            x = block(x)
+        return x
+
+
+@unipeft.hookimpl
+def register_backbones(register):
+    register(
+        LayoutMap(
+            name="toy-map",
+            class_names=("Toy",),
+            towers=(Tower(r"stack"),),
+            layout=BlockLayout(
+                projections={"attn.q": "wq", "attn.v": "wv", "mlp.up": "up", "mlp.down": "down"},
+                sublayers={"mlp": ("up", "down")},
+                norms=("norm",),
+            ),
+        )
+    )
+
+
+@unipeft.hookimpl
+def register_tiny_backbones(register):
+    register(
+        TinyBackbone(
+            "toy",
+            "vectors",
+            Toy,
+            lambda gen: {"x": torch.randn(2, 3, 8, generator=gen)},
+            lambda model, inputs: [model(inputs["x"])],
+        )
+    )
+"""
+
+
+def fake_distribution(site: Path, dist: str, module: str, source: str) -> None:
+    """What installing a plugin distribution leaves on ``sys.path``: its module, and the
+    metadata that declares its ``unipeft`` entry point."""
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[unipeft]\n{module} = {module}\n")
+
+
+def test_the_kit_runs_on_a_plugins_tiny_backbone(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    fake_distribution(pytester.path / "site", "unipeft-toy", "unipeft_toy", TOY_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path / "site"))
+    monkeypatch.setenv("UNIPEFT_STRICT_PLUGINS", "1")
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "--unipeft-conformance",
+        "lora,bitfit",
+        "--unipeft-backbones",
+        "toy",
+    )
+    result.assert_outcomes(passed=2 * len(INVARIANTS))
+    result.stdout.fnmatch_lines(["*::test_conformance[[]bitfit-toy-merge_roundtrip[]] PASSED*"])
 
 
 def test_unknown_method_is_a_usage_error(pytester: pytest.Pytester) -> None:

@@ -235,3 +235,160 @@ def test_explicit_empty_targets_is_an_error() -> None:
 
     with pytest.raises(unipeft.TargetError, match="targets is empty"):
         unipeft.apply(BACKBONES["bert"].make(), "lora", targets=[])
+
+
+# ------------------------------------------------------------------ hooks that do not exist
+
+
+def test_misspelled_hook_is_a_failure_naming_the_known_hooks(fake_plugins, monkeypatch) -> None:
+    @unipeft.hookimpl
+    def register_method(register):  # the hook is register_methods
+        raise AssertionError("an unknown hook is never called")
+
+    mod = fake_plugins(
+        "fake_typo",
+        register_method=register_method,
+        register_methods=_register_methods(_method("typo_lora")),
+    )
+    eps = [_entry_point("typo", mod, "unipeft-typo")]
+    reg = build_registry(eps, strict=False)
+    [failure] = reg.failures
+    assert (failure.plugin, failure.distribution, failure.stage) == (
+        "typo",
+        "unipeft-typo",
+        "check_pending",
+    )
+    assert "unknown hook 'register_method'" in failure.error
+    assert "Did you mean 'register_methods'?" in failure.error
+    for hook in ("register_methods", "register_backbones", "register_tiny_backbones"):
+        assert hook in failure.error
+    assert "typo_lora" in reg.methods  # the plugin's real hooks still ran
+
+    monkeypatch.setenv("UNIPEFT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"typo \(unipeft-typo\) at check_pending"):
+        build_registry(eps)
+
+
+def test_an_optional_hook_of_a_newer_unipeft_is_not_reported(fake_plugins) -> None:
+    @unipeft.hookimpl(optionalhook=True)
+    def register_things_of_the_future(register):
+        raise AssertionError("never called")
+
+    mod = fake_plugins("fake_future", register_things_of_the_future=register_things_of_the_future)
+    assert not build_registry([_entry_point("future", mod, "unipeft-future")], strict=True).failures
+
+
+# ------------------------------------------------------------------ UNIPEFT_LOAD_PLUGINS
+
+
+def _two_plugins(fake_plugins) -> list[metadata.EntryPoint]:
+    a = fake_plugins("fake_sel_a", register_methods=_register_methods(_method("sel_a")))
+    b = fake_plugins("fake_sel_b", register_methods=_register_methods(_method("sel_b")))
+    return [
+        _entry_point("builtin", "unipeft._builtin", "unipeft"),
+        _entry_point("a", a, "unipeft-sel-a"),
+        _entry_point("b", b, "unipeft_sel.b"),
+    ]
+
+
+def test_load_plugins_loads_only_the_named_distributions(fake_plugins, monkeypatch) -> None:
+    eps = _two_plugins(fake_plugins)
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", "unipeft-sel-a")
+    reg = build_registry(eps, strict=True)
+    assert "sel_a" in reg.methods and "sel_b" not in reg.methods
+    assert "lora" in reg.methods and "bert" in reg.tiny_backbones  # built-ins always load
+    assert set(reg.plugins.values()) == {"unipeft", "unipeft-sel-a"}
+
+    # names compare as packaging does: case and runs of - _ . are the same
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", " UNIPEFT-SEL-B , unipeft-sel_a")
+    assert {"sel_a", "sel_b"} <= set(build_registry(eps, strict=True).methods)
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", "unipeft")  # only unipeft's own
+    assert not {"sel_a", "sel_b"} & set(build_registry(eps, strict=True).methods)
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", "")  # unset or empty: all
+    assert {"sel_a", "sel_b"} <= set(build_registry(eps, strict=True).methods)
+
+
+def test_load_plugins_with_an_unknown_name(fake_plugins, monkeypatch) -> None:
+    eps = _two_plugins(fake_plugins)
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", "unipeft-sel-a,unipeft-nope")
+    reg = build_registry(eps, strict=False)
+    [failure] = reg.failures
+    assert failure.stage == "select" and failure.distribution == "unipeft-nope"
+    assert "UNIPEFT_LOAD_PLUGINS names 'unipeft-nope'" in failure.error
+    assert "unipeft-sel-a, unipeft_sel.b" in failure.error  # the installed ones
+    assert "sel_a" in reg.methods
+    with pytest.raises(PluginError, match="unipeft-nope"):
+        build_registry(eps, strict=True)
+
+
+def test_a_plugin_left_out_is_not_even_imported(monkeypatch) -> None:
+    eps = [_entry_point("broken", "no_such_module_for_unipeft", "unipeft-broken")]
+    monkeypatch.setenv("UNIPEFT_LOAD_PLUGINS", "unipeft")
+    assert not build_registry(eps, strict=True).failures
+
+
+# ------------------------------------------------------------------ tiny backbones
+
+
+def _tiny(name: str):
+    from torch import nn
+
+    from unipeft.maps.tiny import TinyBackbone
+
+    return TinyBackbone(
+        name,
+        "toy",
+        lambda: nn.Linear(4, 4),
+        lambda gen: {"x": __import__("torch").randn(2, 4, generator=gen)},
+        lambda model, inputs: [model(inputs["x"])],
+    )
+
+
+def _register_tiny(*backbones):
+    @unipeft.hookimpl
+    def register_tiny_backbones(register):
+        for bb in backbones:
+            register(bb)
+
+    return register_tiny_backbones
+
+
+def test_builtin_tiny_backbones_come_from_the_registry() -> None:
+    from unipeft.maps.tiny import BUILTIN_TINY_BACKBONES
+    from unipeft.testing.backbones import BACKBONES
+
+    reg = unipeft.registry()
+    for bb in BUILTIN_TINY_BACKBONES:
+        assert reg.tiny_backbones[bb.name] is bb is BACKBONES[bb.name]
+        assert reg.tiny_sources[bb.name] == "unipeft (plugin 'builtin')"
+    builtin = [b.name for b in BUILTIN_TINY_BACKBONES]
+    assert [name for name in BACKBONES if name in builtin] == builtin  # registration order
+    with pytest.raises(KeyError, match=r"unknown tiny backbone 'bertt'\. Did you mean 'bert'"):
+        BACKBONES["bertt"]
+    with pytest.raises(PluginError, match="Tiny backbones: bert, gpt2"):
+        reg.tiny_backbone("nope")
+
+
+def test_third_party_tiny_backbone(fake_plugins) -> None:
+    mod = fake_plugins("fake_tiny", register_tiny_backbones=_register_tiny(_tiny("toy_linear")))
+    reg = build_registry([_entry_point("tiny", mod, "unipeft-tiny")], strict=True)
+    bb = reg.tiny_backbone("toy_linear")
+    assert reg.tiny_sources["toy_linear"] == "unipeft-tiny (plugin 'tiny')"
+    assert bb.run(bb.make(), bb.sample(0)).shape == (8,)
+    assert "bert" in reg.tiny_backbones  # the built-ins are still there
+
+
+def test_duplicate_tiny_backbone_names_name_both_sources(fake_plugins) -> None:
+    mod = fake_plugins("fake_tiny_dup", register_tiny_backbones=_register_tiny(_tiny("gpt2")))
+    with pytest.raises(PluginError) as info:
+        build_registry([_entry_point("dup", mod, "unipeft-dup")], strict=False)
+    message = str(info.value)
+    assert "tiny backbone 'gpt2' is registered twice" in message
+    assert "unipeft (plugin 'builtin')" in message and "unipeft-dup (plugin 'dup')" in message
+
+
+def test_registering_something_else_as_a_tiny_backbone_fails(fake_plugins) -> None:
+    mod = fake_plugins("fake_tiny_bad", register_tiny_backbones=_register_tiny("bert"))
+    reg = build_registry([_entry_point("bad", mod, "unipeft-bad")], strict=False)
+    [failure] = reg.failures
+    assert failure.stage == "register_tiny_backbones" and "TinyBackbone" in failure.error

@@ -1,4 +1,4 @@
-"""unipeft's own methods and structure maps, registered like any plugin's."""
+"""unipeft's own methods, structure maps and tiny backbones, registered like any plugin's."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from .contract.hookspecs import hookimpl
 from .maps.builtin import BUILTIN_MAPS
+from .maps.tiny import BUILTIN_TINY_BACKBONES
 from .methods import BUILTIN_METHODS
 
 
@@ -19,3 +20,9 @@ def register_methods(register: Callable) -> None:
 def register_backbones(register: Callable) -> None:
     for smap in BUILTIN_MAPS:
         register(smap)
+
+
+@hookimpl
+def register_tiny_backbones(register: Callable) -> None:
+    for tiny in BUILTIN_TINY_BACKBONES:
+        register(tiny)

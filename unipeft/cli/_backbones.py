@@ -2,7 +2,7 @@
 
 Forms::
 
-    tiny:<name>          a tiny random backbone of unipeft.testing.backbones (bert, gpt2, ...)
+    tiny:<name>          a registered tiny random backbone (bert, gpt2, ..., and plugins')
     timm:<model name>    timm.create_model(name, pretrained=False): random weights
     hf:<path>            a config.json (or a directory holding one): random weights
     open_clip:<name>     open_clip.create_model(name, pretrained=None): random weights
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import CliError
+from ._common import CliError
 
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
@@ -63,19 +63,21 @@ def load_backbone(spec: str) -> Backbone:
 
 
 def _tiny_names() -> list[str]:
-    from ..testing.backbones import BACKBONES
+    from ..runtime.registry import registry
 
-    return list(BACKBONES)
+    return list(registry().tiny_backbones)
 
 
 def _tiny(name: str) -> tuple[nn.Module, str]:
-    from ..testing.backbones import BACKBONES
+    from ..runtime.registry import registry
 
-    if name not in BACKBONES:
+    reg = registry()
+    if name not in reg.tiny_backbones:
         raise BackboneError(
-            f"unknown tiny backbone {name!r}; tiny backbones: {', '.join(BACKBONES)}"
+            f"unknown tiny backbone {name!r}; tiny backbones: {', '.join(reg.tiny_backbones)}"
         )
-    return BACKBONES[name].make(), f"unipeft.testing.backbones.BACKBONES[{name!r}]"
+    source = f"tiny backbone {name!r} of {reg.tiny_sources[name]}"
+    return reg.tiny_backbones[name].make(), source
 
 
 def _timm(name: str) -> tuple[nn.Module, str]:

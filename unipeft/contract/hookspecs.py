@@ -6,8 +6,12 @@ known to unipeft through an entry point in the group ``unipeft``::
     [project.entry-points.unipeft]
     mymethod = "unipeft_mymethod"
 
-unipeft's own methods and structure maps are registered through this same entry point
-(``builtin = "unipeft._builtin"``), so a plugin can do anything a built-in can.
+unipeft's own methods, structure maps and tiny backbones are registered through this same
+entry point (``builtin = "unipeft._builtin"``), so a plugin can do anything a built-in can.
+
+When the registry is built, unipeft calls the hooks in the order they are defined here,
+each on every plugin. A function marked :data:`hookimpl` whose name is not one of these
+hooks (a typo such as ``register_method``) is reported as a plugin failure.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import pluggy
 
 if TYPE_CHECKING:
     from ..maps import StructureMap
+    from ..maps.tiny import TinyBackbone
     from .method import Method
 
 PROJECT = "unipeft"
 ENTRY_POINT_GROUP = "unipeft"
+HOOKS = ("register_methods", "register_backbones", "register_tiny_backbones")
+"""Every hook, in the order unipeft calls them."""
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -50,4 +57,19 @@ def register_backbones(register: Callable[[StructureMap], None]) -> None:
     transformer families with data alone. When several maps match a backbone, the one with
     the highest ``priority`` is used (built-ins use 0 to 10, the generic map -1000).
     Returns nothing.
+    """
+
+
+@hookspec
+def register_tiny_backbones(register: Callable[[TinyBackbone], None]) -> None:
+    """Register tiny random models, so that tools can test methods on an architecture.
+
+    Called once, when the registry is first built, after :func:`register_backbones`. Call
+    ``register(tiny)`` once per :class:`unipeft.maps.tiny.TinyBackbone`: a seeded model
+    built from a config (never downloaded), the inputs to run it on and the outputs to
+    compare. A plugin that registers a structure map should register a tiny model that
+    the map matches: the conformance kit runs on every registered tiny backbone
+    (``pytest --unipeft-conformance ID --unipeft-backbones NAME`` picks some), and the CLI
+    builds one from ``tiny:NAME``. A name registered twice (by any two plugins) is an error
+    that names both distributions. Returns nothing.
     """

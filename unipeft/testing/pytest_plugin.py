@@ -1,22 +1,30 @@
 """pytest plugin (entry point ``pytest11``): the conformance kit for any method.
 
-``pytest --unipeft-conformance ia3`` runs every invariant on method ``ia3`` over every tiny
-backbone; ``--unipeft-conformance all`` runs every registered method. Narrow the backbones
-with ``--unipeft-backbones bert,timm_vit``. Hypothesis profiles: ``unipeft-fast`` (default,
-for CI) and ``unipeft-thorough``; choose with ``--unipeft-profile`` or the environment
-variable ``UNIPEFT_HYPOTHESIS_PROFILE``.
+``pytest --unipeft-conformance ia3`` runs every invariant on method ``ia3`` over every
+registered tiny backbone; ``--unipeft-conformance all`` runs every registered method. Narrow
+the backbones with ``--unipeft-backbones bert,timm_vit`` (any registered name, a plugin's
+too). Hypothesis profiles: ``unipeft-fast`` (default, for CI) and ``unipeft-thorough``;
+choose with ``--unipeft-profile`` or the environment variable ``UNIPEFT_HYPOTHESIS_PROFILE``.
+
+The suite's tests have the node ids ``unipeft/testing/suite.py::test_conformance[...]``
+wherever unipeft is installed, and such a node id given on the command line selects the test
+from any directory. When the kit runs (``--unipeft-conformance``, or such a node id from a
+directory without the suite), hypothesis keeps its files in :func:`kit_storage_dir` instead
+of ``.hypothesis/`` in the current directory, unless ``HYPOTHESIS_STORAGE_DIRECTORY`` says
+where.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from .backbones import BACKBONES, TinyBackbone
+from ..maps.tiny import TinyBackbone
 
 settings.register_profile(
     "unipeft-fast",
@@ -44,6 +52,9 @@ settings.register_profile(
 
 _PROFILE = {"name": os.environ.get("UNIPEFT_HYPOTHESIS_PROFILE", "unipeft-fast")}
 SUITE = Path(__file__).with_name("suite.py")
+SUITE_NODE_PATH = "unipeft/testing/suite.py"
+"""The path part of the suite's node ids, the same wherever unipeft is installed."""
+STORAGE_ENV = "HYPOTHESIS_STORAGE_DIRECTORY"
 
 
 def hypothesis_profile() -> str:
@@ -74,7 +85,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--unipeft-backbones",
         default="",
         metavar="NAMES",
-        help=f"comma-separated tiny backbones to use (default all: {', '.join(BACKBONES)})",
+        help="comma-separated names of registered tiny backbones to run the suite on "
+        "(default: all of them)",
     )
     group.addoption(
         "--unipeft-profile",
@@ -93,10 +105,52 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("--unipeft-profile")
     if profile:
         _PROFILE["name"] = profile
+    given = list(config.args)
+    config.args[:] = [_suite_arg(arg, config.invocation_params.dir) for arg in given]
     wanted = _split(config.getoption("--unipeft-conformance"))
     if wanted:
         _check_methods(wanted)
-        config.args.append(str(SUITE))
+        _backbones(config)
+        if not any(arg.partition("::")[0] == str(SUITE) for arg in config.args):
+            config.args.append(str(SUITE))
+    if (wanted or config.args != given) and not os.environ.get(STORAGE_ENV):
+        # the kit runs (from a plugin's folder, say): keep hypothesis's files out of it
+        from hypothesis.configuration import set_hypothesis_home_dir
+
+        set_hypothesis_home_dir(kit_storage_dir())
+
+
+def kit_storage_dir() -> Path:
+    """Where hypothesis keeps its files while the kit runs: ``unipeft/hypothesis`` in the
+    user's cache directory (``$XDG_CACHE_HOME``, else ``~/.cache``; ``%LOCALAPPDATA%`` on
+    Windows), or in the temporary directory when there is no home."""
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        os.environ.get("LOCALAPPDATA") if os.name == "nt" else None
+    )
+    try:
+        root = Path(base) if base else Path.home() / ".cache"
+    except RuntimeError:  # no home directory
+        root = Path(tempfile.gettempdir())
+    return root / "unipeft" / "hypothesis"
+
+
+def _suite_arg(arg: str, invocation_dir: Path) -> str:
+    """A node id of the suite (``unipeft/testing/suite.py::test_conformance[...]``) pointed
+    at the installed suite, unless that relative path exists here."""
+    path, sep, rest = arg.partition("::")
+    if path.replace(os.sep, "/") == SUITE_NODE_PATH and not (invocation_dir / path).exists():
+        return str(SUITE) + sep + rest
+    return arg
+
+
+def pytest_pycollect_makemodule(
+    module_path: Path, parent: pytest.Collector
+) -> pytest.Module | None:
+    """Give the suite a real path in its node ids, also when it lies outside the rootdir
+    (pytest would give a file named on the command line an empty one there)."""
+    if module_path.name == SUITE.name and module_path.resolve() == SUITE.resolve():
+        return pytest.Module.from_parent(parent, path=module_path, nodeid=SUITE_NODE_PATH)
+    return None
 
 
 def _check_methods(wanted: list[str]) -> None:
@@ -111,6 +165,22 @@ def _check_methods(wanted: list[str]) -> None:
         )
 
 
+def _backbones(config: pytest.Config) -> list[TinyBackbone]:
+    """The tiny backbones ``--unipeft-backbones`` names (all registered ones by default)."""
+    from ..runtime.registry import registry
+
+    registered = registry().tiny_backbones
+    names = _split(config.getoption("--unipeft-backbones")) or list(registered)
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise pytest.UsageError(
+            f"--unipeft-backbones: unknown tiny backbone(s) {unknown}; registered: "
+            f"{', '.join(registered) or 'none'}. A plugin adds its own with the "
+            "register_tiny_backbones hook; is its distribution installed?"
+        )
+    return [registered[n] for n in names]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "conformance_case" not in metafunc.fixturenames:
         return
@@ -122,11 +192,5 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if wanted and "all" not in wanted:
         _check_methods(wanted)
         methods = [m for m in methods if m.id in wanted]
-    names = _split(config.getoption("--unipeft-backbones")) or list(BACKBONES)
-    unknown_bb = [n for n in names if n not in BACKBONES]
-    if unknown_bb:
-        raise pytest.UsageError(
-            f"--unipeft-backbones: unknown {unknown_bb}; known {list(BACKBONES)}"
-        )
-    cases = [ConformanceCase(m, BACKBONES[n]) for m in methods for n in names]
+    cases = [ConformanceCase(m, bb) for m in methods for bb in _backbones(config)]
     metafunc.parametrize("conformance_case", cases, ids=[c.id for c in cases])

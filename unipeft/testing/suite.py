@@ -1,8 +1,10 @@
 """The conformance suite as pytest tests, parametrised over every method × backbone.
 
 Run it on any registered method (a plugin's too) with ``pytest --unipeft-conformance ID``;
-the project's own tests import it. Cases come from the registry (``unipeft.list_methods()``)
-and :data:`~unipeft.testing.backbones.BACKBONES`: nobody keeps a list by hand.
+the project's own tests import it. Cases come from the registry (``unipeft.list_methods()``
+and the tiny backbones every plugin registers): nobody keeps a list by hand. The tests'
+node ids are ``unipeft/testing/suite.py::test_conformance[<method>-<backbone>-<invariant>]``
+wherever unipeft is installed.
 """
 
 from __future__ import annotations
