@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _matrix import backbones
 
 import unipeft
 from unipeft import AdapterError, MergeError
@@ -83,7 +84,7 @@ def test_delete_adapter_rules() -> None:
     assert all(not m._forward_hooks for m in model.base_model.modules())
 
 
-@pytest.mark.parametrize("name", ["bert", "timm_vit", "open_clip", "llama"])
+@pytest.mark.parametrize("name", backbones())
 def test_mixed_batch_equals_per_sample_forwards(name: str) -> None:
     bb = BACKBONES[name]
     model = _two_loras(name)

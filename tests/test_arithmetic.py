@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from _matrix import backbones
 from torch import Tensor
 
 import unipeft
@@ -548,7 +549,7 @@ def test_failure_while_loading_the_state_removes_the_new_adapter(
     _assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("backbone", ["gpt2", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("backbone", backbones())
 @pytest.mark.parametrize("how", ["linear", "svd", "dare"])
 def test_unit_weights_equal_both_sources_active(backbone: str, how: str) -> None:
     """{a: 1, b: 1} runs like a and b active together (fused slices, Conv1D, MHA included)."""

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _matrix import backbones, methods, roles
 from torch import nn
 
 import unipeft
 from unipeft import AdapterError, ConfigError, LoadError, MergeError, PluginError, TargetError
+from unipeft.maps import ROLES
 from unipeft.testing.backbones import BACKBONES
 
 
@@ -34,17 +36,25 @@ def _assert_unchanged(model: nn.Module, snap: dict) -> None:
     assert now["hooks"] == snap["hooks"]
 
 
-@pytest.fixture(params=["bert", "timm_vit", "open_clip"])
+@pytest.fixture(params=backbones())
 def backbone(request) -> nn.Module:
     return BACKBONES[request.param].make()
 
 
-def test_target_matching_nothing(backbone: nn.Module) -> None:
+def _missing_roles(name: str) -> list[str]:
+    return [r for r in ROLES if r not in roles(name)]
+
+
+# every backbone that lacks some role (Llama has them all: nothing to target in vain)
+@pytest.mark.parametrize("name", backbones(where=lambda bb: bool(_missing_roles(bb.name))))
+def test_target_matching_nothing(name: str) -> None:
+    backbone = BACKBONES[name].make()
+    missing = _missing_roles(name)[0]  # mlp.gate on all but gated MLPs
     snap = _snapshot(backbone)
     with pytest.raises(TargetError) as info:
-        unipeft.apply(backbone, "lora", targets=["attn.q", "mlp.gate"])
+        unipeft.apply(backbone, "lora", targets=["attn.q", missing])
     msg = str(info.value)
-    assert "'mlp.gate'" in msg and "attn.q (x" in msg and "mlp.down (x" in msg
+    assert f"'{missing}'" in msg and "attn.q (x" in msg and "mlp.down (x" in msg
     with pytest.raises(TargetError, match="matches no module"):
         unipeft.apply(backbone, "lora", targets=["re:no\\.such\\.module"])
     _assert_unchanged(backbone, snap)
@@ -90,8 +100,9 @@ def test_adapter_name_in_use(backbone: nn.Module) -> None:
     _assert_unchanged(model, snap)
 
 
-def test_merge_on_a_method_that_cannot_merge(backbone: nn.Module) -> None:
-    model = unipeft.apply(backbone, "bottleneck_adapter", bottleneck=4)
+@pytest.mark.parametrize("method", methods(mergeable=False))
+def test_merge_on_a_method_that_cannot_merge(backbone: nn.Module, method: str) -> None:
+    model = unipeft.apply(backbone, method)
     snap = _snapshot(model)
     with pytest.raises(MergeError, match="cannot be merged"):
         model.merge()

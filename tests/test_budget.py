@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from _matrix import methods
 
 import unipeft
 from unipeft import ConfigError
 from unipeft.features.budget import parse_budget
 from unipeft.testing.backbones import BACKBONES
 
+# every method with a budget field, less these
+NOT_AT_FIVE_PERCENT = {
+    "unipelt": "its gates, adapters and prompt are fixed in size: at lora_r=1 it already "
+    "trains 7.7% of the tiny BERT, so no configuration fits the 5% asked here",
+}
 
-@pytest.mark.parametrize("method", ["lora", "bottleneck_adapter", "prompt_tuning", "moe_lora"])
+
+@pytest.mark.parametrize("method", methods(budget=True, exclude=NOT_AT_FIVE_PERCENT))
 def test_plan_is_the_largest_that_fits(method: str) -> None:
     backbone = BACKBONES["bert"].make()
     plan = unipeft.plan_budget(backbone, method, "5%")

@@ -3,36 +3,48 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from _matrix import backbones, sites
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import unipeft
+from unipeft.contract.sites import Layout
 from unipeft.features.arithmetic import combine
 from unipeft.methods.reparameterized.dora import DoraDelta
 from unipeft.model import DeltaModel, site_key
-
 from unipeft.testing.backbones import BACKBONES
 
-# every projection layout: Linear (BERT, Llama without bias), GPT-2 Conv1D slices, timm's
-# fused qkv slices and patch convolution, nn.MultiheadAttention in_proj slices (open_clip)
-LAYOUTS = {
-    "bert": None,
-    "llama": None,
-    "gpt2": None,
-    "timm_vit": ["attn.q", "attn.v", "embed"],
-    "open_clip": None,
-}
+# every backbone, so every projection layout: Linear (BERT, Llama without bias), GPT-2
+# Conv1D slices, timm's fused qkv slices, nn.MultiheadAttention in_proj slices (open_clip),
+# and the patch convolutions of the vision towers
+ALL = backbones()
+
+
+def _targets(name: str) -> list[str]:
+    """DoRA's defaults (attn.q, attn.v), and the patch embedding where it is a projection
+    (the convolution of a vision tower; a text embedding is a lookup table)."""
+    embeds = [
+        f"{s.tower}/embed" if s.tower else "embed"
+        for s in sites(name)
+        if s.role == "embed" and s.is_projection
+    ]
+    return ["attn.q", "attn.v", *embeds]
+
+
+def _layouts(name: str) -> set[str]:
+    """The weight layouts of the sites :func:`_targets` names, as the structure map says."""
+    wanted = {t.rpartition("/")[2] for t in _targets(name)}
+    return {s.weight.layout for s in sites(name) if s.role in wanted and s.is_projection}
 
 
 def _apply(name: str, dtype: torch.dtype = torch.float32, **kw) -> DeltaModel:
     backbone = BACKBONES[name].make(dtype)
-    targets = LAYOUTS.get(name)
-    if targets is not None and "targets" not in kw:
-        kw["targets"] = targets
+    kw.setdefault("targets", _targets(name))
     model = unipeft.apply(backbone, "dora", **{"r": 3, "alpha": 5.0, **kw})
     _randomise(model)
     return model
@@ -80,15 +92,16 @@ def _reference_weight(delta: DoraDelta, weight: Tensor, magnitude: Tensor | None
 
 def _site_input(delta: DoraDelta, dtype: torch.dtype, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
-    if delta.shape.is_conv:
-        return torch.randn(2, delta.shape.in_features, 16, 16, generator=gen).to(dtype)
+    if delta.shape.is_conv:  # 16 along each of the kernel's (spatial, temporal) dimensions
+        size = (2, delta.shape.in_features, *(16 for _ in delta.shape.kernel_size))
+        return torch.randn(size, generator=gen).to(dtype)
     return torch.randn(2, 5, delta.shape.in_features, generator=gen).to(dtype)
 
 
 # ------------------------------------------------------------------------------ the norm
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_factored_norm_equals_the_materialised_norm(name: str, dtype: torch.dtype) -> None:
     model = _apply(name, dtype)
@@ -102,14 +115,13 @@ def test_factored_norm_equals_the_materialised_norm(name: str, dtype: torch.dtyp
         expected = _adapted_rows(delta, weight).norm(dim=1)
         # from the same (bf16-rounded) W, A and B: only float32 rounding differs
         torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-7)
-    expected_layouts = {
-        "bert": {"linear"},
-        "llama": {"linear"},
-        "gpt2": {"conv1d_t"},
-        "timm_vit": {"linear", "conv"},
-        "open_clip": {"mha_in"},
-    }[name]
-    assert layouts == expected_layouts
+    assert layouts == _layouts(name)  # every layout targeted was checked
+
+
+def test_the_backbones_cover_every_projection_layout() -> None:
+    """Together the backbones give the tests above every layout a projection can have."""
+    covered = set().union(*(_layouts(name) for name in ALL))
+    assert covered == set(typing.get_args(Layout))
 
 
 def test_norm_is_float64_for_a_float64_weight() -> None:
@@ -141,7 +153,7 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", ALL)
 def test_forward_never_builds_a_weight_sized_tensor(name: str) -> None:
     model = _apply(name)
     for site, delta in _deltas(model):
@@ -159,7 +171,7 @@ def test_forward_never_builds_a_weight_sized_tensor(name: str) -> None:
 # ------------------------------------------------------------------------------ forward
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", ALL)
 def test_forward_equals_the_materialised_weight(name: str) -> None:
     model = _apply(name)
     for site, delta in _deltas(model):
@@ -174,10 +186,10 @@ def test_forward_equals_the_materialised_weight(name: str) -> None:
 
 
 def test_identity_at_init_is_exact() -> None:
-    for name in LAYOUTS:
+    for name in ALL:
         bb = BACKBONES[name]
         backbone = bb.make()
-        model = unipeft.apply(backbone, "dora", r=4, targets=LAYOUTS[name] or ["attn.q", "attn.v"])
+        model = unipeft.apply(backbone, "dora", r=4, targets=_targets(name))
         for site, delta in _deltas(model):
             weight, bias = site.weight_views()
             torch.testing.assert_close(
@@ -212,7 +224,7 @@ def _reference_loss(
     return (delta.shape.project(x, w_new, bias) * r).sum()
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", ALL)
 def test_gradients_treat_the_norm_as_a_constant(name: str) -> None:
     model = _apply(name, torch.float64)
     for site, delta in _deltas(model):
@@ -262,14 +274,15 @@ def test_dropout_only_on_the_low_rank_path() -> None:
 # ------------------------------------------------------------------------------ merging
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", ALL)
 def test_merge_is_the_reference_weight_and_unmerge_is_exact(name: str) -> None:
     bb = BACKBONES[name]
     model = _apply(name)
     base = model.base_model
     before = {k: v.clone() for k, v in base.state_dict().items()}
     expected = {
-        site.name: _reference_weight(delta, site.weight_views()[0]) for site, delta in _deltas(model)
+        site.name: _reference_weight(delta, site.weight_views()[0])
+        for site, delta in _deltas(model)
     }
     with torch.no_grad():
         unmerged = bb.run(model, bb.sample(0))
@@ -303,6 +316,7 @@ def test_norm_follows_another_adapter_merged_into_the_same_weight() -> None:
     would go stale here; DoRA reads ``‖W‖`` live instead."""
     bb = BACKBONES["bert"]
     model = _apply("bert", targets=["attn.q"])
+    torch.manual_seed(0)  # LoRA's A: the same draw whichever tests ran before
     model.add_adapter("lora", "lora", r=2, targets=["attn.q"])
     with torch.no_grad():
         for delta in model.deltas["lora"].values():
@@ -409,12 +423,21 @@ def test_linear_combination_averages_the_parameters() -> None:
 # ------------------------------------------------------------------------------ HF PEFT
 
 
-@pytest.mark.parametrize(
-    ("name", "modules"), [("llama", ["q_proj", "v_proj"]), ("bert", ["query", "value"])]
-)
-def test_matches_peft_dora(name: str, modules: list[str]) -> None:
+def _whole_linear_qv(name: str) -> list[str]:
+    """The module paths of attn.q and attn.v where both are whole ``nn.Linear`` modules,
+    else none: PEFT adapts modules by name, so it cannot adapt a slice of a fused
+    projection, and its DoRA has no ``Conv1D`` or ``nn.MultiheadAttention`` layer."""
+    qv = [s for s in sites(name) if s.role in ("attn.q", "attn.v")]
+    if any(s.out_slice is not None or s.weight.layout != "linear" for s in qv):
+        return []
+    return [s.path for s in qv]
+
+
+@pytest.mark.parametrize("name", backbones(where=lambda bb: bool(_whole_linear_qv(bb.name))))
+def test_matches_peft_dora(name: str) -> None:
     peft = pytest.importorskip("peft")
     bb = BACKBONES[name]
+    modules = _whole_linear_qv(name)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=modules, use_dora=True
     )
@@ -463,13 +486,11 @@ def test_matches_peft_dora(name: str, modules: list[str]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["bert", "gpt2", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", ALL)
 def test_cuda_bf16_norm_and_forward_match_cpu(name: str) -> None:
     bb = BACKBONES[name]
     cpu = _apply(name)
-    kw = {"r": 3, "alpha": 5.0}
-    if LAYOUTS[name] is not None:
-        kw["targets"] = LAYOUTS[name]
+    kw = {"r": 3, "alpha": 5.0, "targets": _targets(name)}
     for dtype in (torch.float32, torch.bfloat16):
         gpu = unipeft.apply(bb.make().to("cuda", dtype), "dora", **kw)
         gpu.deltas.load_state_dict(cpu.deltas.state_dict())

@@ -18,20 +18,14 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from _matrix import backbones, has_fused_qkv, methods
+from _matrix import projection_roles as all_linear
 
 import unipeft
-from unipeft.methods.reparameterized.lora import fast as lora_mod
 from unipeft.methods.reparameterized.lora import LoraDelta, SharedDown, add_low_rank
+from unipeft.methods.reparameterized.lora import fast as lora_mod
 from unipeft.testing.backbones import BACKBONES
 from unipeft.testing.invariants import perturb
-
-ALL_LINEAR = {
-    "llama": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.gate", "mlp.up", "mlp.down"],
-    "bert": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
-    "gpt2": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
-    "timm_vit": ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
-    "open_clip": ["attn.q", "attn.k", "attn.v", "attn.out"],
-}
 
 
 def _plain(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
@@ -88,7 +82,7 @@ def _pair(name: str, seed: int = 0) -> tuple[unipeft.DeltaModel, unipeft.DeltaMo
     models = []
     for _ in range(2):
         torch.manual_seed(seed)  # A's initialisation draws from the global generator
-        model = unipeft.apply(BACKBONES[name].make(), "lora", r=3, targets=ALL_LINEAR[name])
+        model = unipeft.apply(BACKBONES[name].make(), "lora", r=3, targets=all_linear(name))
         perturb(model, seed=seed)
         models.append(model)
     fast, plain = models
@@ -112,7 +106,7 @@ def _groups(model: torch.nn.Module) -> set[int]:
     return {id(d._shared) for d in model.modules() if isinstance(d, LoraDelta) and d._shared}
 
 
-@pytest.mark.parametrize("name", sorted(ALL_LINEAR))
+@pytest.mark.parametrize("name", backbones())
 def test_shared_down_projection_equals_separate_ones(name: str) -> None:
     fast, plain = (_to_hooks(m) for m in _pair(name))  # the hook path, where sharing acts
     assert _groups(fast), "no projections were found to share an input"
@@ -191,7 +185,7 @@ def test_a_changed_factor_is_not_served_from_the_cache() -> None:
 
 def test_dropout_in_training_does_not_share() -> None:
     model = unipeft.apply(
-        BACKBONES["llama"].make(), "lora", r=2, dropout=0.5, targets=ALL_LINEAR["llama"]
+        BACKBONES["llama"].make(), "lora", r=2, dropout=0.5, targets=all_linear("llama")
     )
     model.train()
     group = next(d._shared for d in model.modules() if isinstance(d, LoraDelta))
@@ -221,7 +215,7 @@ def test_deltas_with_shared_projections_copy_and_pickle() -> None:
 
 def test_mixed_batch_in_place_equals_per_sample_forwards() -> None:
     bb = BACKBONES["llama"]
-    model = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"], adapter_name="a")
+    model = unipeft.apply(bb.make(), "lora", r=2, targets=all_linear("llama"), adapter_name="a")
     model.add_adapter("b", "lora", r=4, targets=["attn.q", "mlp.down"])
     perturb(model, seed=5, adapter="a")
     perturb(model, seed=6, adapter="b")
@@ -238,19 +232,23 @@ def test_mixed_batch_in_place_equals_per_sample_forwards() -> None:
     torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=1e-4)
 
 
-def test_hybrid_and_mixture_children_are_not_updated_in_place() -> None:
-    """UniPELT and MoE-LoRA compute ``child(x, y) - y``: the child must not write into y."""
-    for method, kw in (("unipelt", {"prompt_tokens": 0}), ("moe_lora", {})):
-        bb = BACKBONES["bert"]
-        model = unipeft.apply(bb.make(), method, **kw)
-        perturb(model, seed=8)
-        inputs = bb.sample()
-        with torch.no_grad():
-            a = bb.run(model, inputs)
-        b = bb.run(model, inputs)  # with gradients: every step out of place
-        torch.testing.assert_close(a, b.detach())
-        with model.disable(), torch.no_grad():
-            assert not torch.allclose(bb.run(model, inputs), a)
+CHILD_CONFIG = {"unipelt": {"prompt_tokens": 0}}  # its projection and adapter children only
+
+
+@pytest.mark.parametrize("method", methods(family=("hybrid", "moe")))
+def test_hybrid_and_mixture_children_are_not_updated_in_place(method: str) -> None:
+    """Hybrid and mixture methods (UniPELT, MoE-LoRA) compute ``child(x, y) - y``: the
+    child must not write into y."""
+    bb = BACKBONES["bert"]
+    model = unipeft.apply(bb.make(), method, **CHILD_CONFIG.get(method, {}))
+    perturb(model, seed=8)
+    inputs = bb.sample()
+    with torch.no_grad():
+        a = bb.run(model, inputs)
+    b = bb.run(model, inputs)  # with gradients: every step out of place
+    torch.testing.assert_close(a, b.detach())
+    with model.disable(), torch.no_grad():
+        assert not torch.allclose(bb.run(model, inputs), a)
 
 
 def test_lora_module_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,7 +268,20 @@ def test_lora_module_uses_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(seen) == 2 * 2  # two sites in each of two layers
 
 
-@pytest.mark.parametrize("name", ["llama", "timm_vit"])
+# compiling takes 5 to 10 s a backbone: these run by default, every other backbone is `slow`
+COMPILED_BY_DEFAULT = {
+    "llama": "separate Linear projections and a gated MLP, the shared down-projection path",
+    "timm_vit": "a fused qkv projection, adapted slice by slice",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name in COMPILED_BY_DEFAULT else pytest.mark.slow)
+        for name in backbones()
+    ],
+)
 def test_torch_compile_traces_the_adapted_model_in_one_graph(name: str) -> None:
     """``torch.compile(fullgraph=True)`` fails on any graph break: the hooks and LoRA's fast
     paths trace as plain tensor code, and the compiled model computes the same values."""
@@ -313,11 +324,13 @@ def _fused_pair(name: str) -> tuple[unipeft.DeltaModel, unipeft.DeltaModel]:
     return fast, _to_hooks(plain)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", backbones())
 def test_fused_linear_equals_the_hook_path(name: str) -> None:
     fast, plain = _fused_pair(name)
     bb = BACKBONES[name]
-    fused_modules = [h.module for h in fast._hosts.values() if "forward" in h.module.__dict__]
+    # hosts of a module (an nn.MultiheadAttention's host routes the whole attention instead)
+    hosted = [h.module for h in fast._hosts.values() if hasattr(h, "module")]
+    fused_modules = [m for m in hosted if "forward" in m.__dict__]
     assert fused_modules  # Linear (and GPT-2 Conv1D) sites run the fused forward
     inputs = bb.sample(seed=11)
     with torch.no_grad():
@@ -388,7 +401,7 @@ def test_calling_forward_directly_does_not_confuse_the_hook() -> None:
     assert not torch.allclose(called, F.linear(x, q.weight))
 
 
-@pytest.mark.parametrize("name", ["timm_vit", "gpt2", "open_clip"])
+@pytest.mark.parametrize("name", backbones(where=lambda bb: has_fused_qkv(bb.name)))
 def test_fused_output_block_update_equals_slice_by_slice(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -474,8 +487,8 @@ def test_masked_mixed_batch_follows_factor_changes_and_base_samples(
         ),
     )
     bb = BACKBONES["llama"]
-    model = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"], adapter_name="a")
-    model.add_adapter("b", "lora", r=4, targets=ALL_LINEAR["llama"])
+    model = unipeft.apply(bb.make(), "lora", r=2, targets=all_linear("llama"), adapter_name="a")
+    model.add_adapter("b", "lora", r=4, targets=all_linear("llama"))
     perturb(model, seed=17, adapter="a")
     perturb(model, seed=18, adapter="b")
     inputs = bb.sample(seed=19)
@@ -510,7 +523,7 @@ def test_masked_mixed_batch_follows_factor_changes_and_base_samples(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["llama", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", backbones())
 def test_fast_paths_on_cuda_match_the_cpu(name: str) -> None:
     """Fused Linear node (training and inference), block slices and masked mixed batches
     on the GPU give the CPU's values and gradients (fp32)."""
@@ -518,8 +531,8 @@ def test_fast_paths_on_cuda_match_the_cpu(name: str) -> None:
     models = []
     for _ in range(2):
         torch.manual_seed(20)
-        m = unipeft.apply(bb.make(), "lora", r=3, targets=ALL_LINEAR[name], adapter_name="a")
-        m.add_adapter("b", "lora", r=2, targets=ALL_LINEAR[name])
+        m = unipeft.apply(bb.make(), "lora", r=3, targets=all_linear(name), adapter_name="a")
+        m.add_adapter("b", "lora", r=2, targets=all_linear(name))
         perturb(m, seed=21, adapter="a")
         perturb(m, seed=22, adapter="b")
         models.append(m)
@@ -550,7 +563,7 @@ def test_a_lora_training_step_captured_as_a_cuda_graph_equals_eager() -> None:
     models = []
     for _ in range(2):
         torch.manual_seed(30)
-        m = unipeft.apply(bb.make(), "lora", r=2, targets=ALL_LINEAR["llama"]).cuda().train()
+        m = unipeft.apply(bb.make(), "lora", r=2, targets=all_linear("llama")).cuda().train()
         perturb(m, seed=31)
         models.append(m)
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in bb.sample(seed=32).items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _matrix import backbones, methods
 
 import unipeft
 from unipeft.testing.backbones import BACKBONES
@@ -17,15 +18,13 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-METHODS = ["lora", "bottleneck_adapter", "bitfit", "moe_lora", "unipelt", "prompt_tuning"]
-
 
 def _to(inputs: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("name", ["bert", "llama", "timm_vit", "open_clip"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", backbones())
+@pytest.mark.parametrize("method", methods())
 def test_cuda_matches_cpu(name: str, method: str) -> None:
     bb = BACKBONES[name]
     cpu = unipeft.apply(bb.make(), method)
@@ -40,7 +39,7 @@ def test_cuda_matches_cpu(name: str, method: str) -> None:
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["bert", "timm_vit", "open_clip"])
+@pytest.mark.parametrize("name", backbones())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_merge_and_mixed_batch(name: str, dtype: torch.dtype) -> None:
     bb = BACKBONES[name]

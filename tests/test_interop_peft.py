@@ -20,9 +20,12 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from _matrix import ENCODERS, backbones, sites  # noqa: E402
+
 import unipeft  # noqa: E402
 from unipeft import AdapterError, DeltaModel, LoadError  # noqa: E402
 from unipeft.features.interop import peft as interop  # noqa: E402
+from unipeft.testing.backbones import BACKBONES  # noqa: E402
 
 ATOL = 1e-5
 P = 3  # soft tokens
@@ -33,16 +36,21 @@ needs_ia3 = pytest.mark.skipif(
 
 # ----------------------------------------------------------------------------- backbones
 
+TEXT = backbones(family="text")  # the tiny text backbones, decoders under their LM head
+DECODERS = backbones(family="text", exclude=ENCODERS)
 
-def _gpt2(**kw: Any) -> nn.Module:
-    cfg = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
-        bos_token_id=0, eos_token_id=0, **kw,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(cfg)
+
+def _with_head(name: str) -> nn.Module:
+    """The tiny text backbone ``name``, from its own config: under its causal language-model
+    head for a decoder, as it is for an encoder."""
+    config = BACKBONES[name].make().config
+    if name in ENCODERS:
+        return transformers.AutoModel.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def _llama(**kw: Any) -> nn.Module:
+    """A Llama other than the tiny one, for the refusals (another width, depth...)."""
     cfg = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
@@ -51,26 +59,27 @@ def _llama(**kw: Any) -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
 
 
-def _bert(**kw: Any) -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100, **kw,
-    )  # fmt: skip
-    return transformers.BertModel(cfg)
+def peft_names(name: str, roles: tuple[str, ...]) -> list[str]:
+    """PEFT ``target_modules`` for these roles: the last part of each module's name (PEFT
+    matches by suffix; a fused projection, GPT-2's ``c_attn``, is named whole)."""
+    return sorted({s.path.rpartition(".")[2] for s in sites(name) if s.role in roles})
 
 
-FACTORIES: dict[str, Callable[..., nn.Module]] = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_fc"],  # Conv1D; c_attn is the whole fused q/k/v projection
-    "llama": ["q_proj", "v_proj", "down_proj"],
-    "bert": ["query", "value", "dense"],
-}
+def fan_in_fan_out(name: str) -> bool:
+    """Whether the projections store their weight as ``(in, out)`` (GPT-2's ``Conv1D``)."""
+    return any(
+        s.weight.layout == "conv1d_t" for s in sites(name) if s.kind == "module" and s.is_projection
+    )
+
+
+LORA_ROLES = ("attn.q", "attn.v", "mlp.up")
+IA3_ROLES = ("attn.k", "attn.v", "mlp.up")  # the ia3 plugin's default targets
 
 
 @pytest.fixture(scope="module")
 def bases() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    return {name: make().eval() for name, make in FACTORIES.items()}
+    return {name: _with_head(name).eval() for name in TEXT}
 
 
 @pytest.fixture
@@ -116,14 +125,14 @@ def peft_save(base: nn.Module, config: Any, directory: Path) -> nn.Module:
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("arch", TEXT)
 def test_lora_from_peft(arch: str, use_rslora: bool, fresh, tmp_path: Path) -> None:
     config = peft.LoraConfig(
         r=4,
         lora_alpha=6,
-        target_modules=LORA_TARGETS[arch],
+        target_modules=peft_names(arch, LORA_ROLES),
         use_rslora=use_rslora,
-        fan_in_fan_out=arch == "gpt2",  # GPT-2's Conv1D stores its weight as (in, out)
+        fan_in_fan_out=fan_in_fan_out(arch),  # GPT-2's Conv1D stores its weight as (in, out)
         init_lora_weights=False,  # random B: the adapter is not the identity
     )
     expected = run(peft_save(fresh(arch), config, tmp_path))
@@ -239,12 +248,12 @@ def test_loaded_adapter_survives_unipeft_save_and_load(fresh, tmp_path: Path) ->
 
 
 def _peft_prompt(arch: str, fresh, directory: Path) -> nn.Module:
-    task = "CAUSAL_LM" if arch != "bert" else "FEATURE_EXTRACTION"
+    task = "FEATURE_EXTRACTION" if arch in ENCODERS else "CAUSAL_LM"
     config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=P)
     return peft_save(fresh(arch), config, directory)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_prompt_tuning_from_peft_on_decoders(arch: str, fresh, tmp_path: Path) -> None:
     reference = _peft_prompt(arch, fresh, tmp_path)
     model = interop.load(fresh(arch), tmp_path)
@@ -254,7 +263,7 @@ def test_prompt_tuning_from_peft_on_decoders(arch: str, fresh, tmp_path: Path) -
         close(run(model, **kwargs), run(reference, **kwargs)[:, P:])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_prompt_tuning_to_peft_on_decoders(arch: str, fresh, tmp_path: Path) -> None:
     model = unipeft.apply(fresh(arch), "prompt_tuning", num_tokens=4, init_std=0.5).eval()
     interop.save(model, tmp_path)
@@ -279,16 +288,14 @@ def test_prompt_tuning_on_encoders_loads_with_a_warning(fresh, tmp_path: Path) -
 
 # ----------------------------------------------------------------------------- (IA)^3
 
-IA3_TARGETS = {"llama": ["k_proj", "v_proj", "up_proj"], "gpt2": ["c_attn", "c_fc"]}
-
 
 @needs_ia3
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", TEXT)
 def test_ia3_from_peft(arch: str, fresh, tmp_path: Path) -> None:
     config = peft.IA3Config(
-        target_modules=IA3_TARGETS[arch],
+        target_modules=peft_names(arch, IA3_ROLES),
         feedforward_modules=[],
-        fan_in_fan_out=arch == "gpt2",
+        fan_in_fan_out=fan_in_fan_out(arch),
         init_ia3_weights=False,
     )
     expected = run(peft_save(fresh(arch), config, tmp_path))
@@ -298,9 +305,9 @@ def test_ia3_from_peft(arch: str, fresh, tmp_path: Path) -> None:
 
 
 @needs_ia3
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", TEXT)
 def test_ia3_to_peft(arch: str, fresh, tmp_path: Path) -> None:
-    targets = [rf".*\.{t}" for t in IA3_TARGETS[arch]]
+    targets = [rf".*\.{t}" for t in peft_names(arch, IA3_ROLES)]
     model = unipeft.apply(fresh(arch), "ia3", targets=targets).eval()
     perturb(model)
     interop.save(model, tmp_path)

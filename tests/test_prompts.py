@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _matrix import ENCODERS, backbones
 
 import unipeft
 from unipeft.testing.backbones import BACKBONES
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("name", backbones(family="text"))
 def test_padding_is_masked_and_prompts_are_attended(name: str) -> None:
     """A padded sequence gives the same outputs on its real tokens as the unpadded one."""
     bb = BACKBONES[name]
@@ -68,39 +69,13 @@ def test_clip_text_prompts_keep_causality() -> None:
     assert not torch.allclose(a[0, 8:], b[0, 8:])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_generation_with_a_kv_cache_matches_uncached_decoding(arch: str) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("name", backbones(family="text", exclude=ENCODERS))
+def test_generation_with_a_kv_cache_matches_uncached_decoding(name: str) -> None:
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    if arch == "gpt2":
-        lm = GPT2LMHeadModel(
-            GPT2Config(
-                n_embd=32,
-                n_layer=2,
-                n_head=2,
-                vocab_size=100,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    else:
-        lm = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                intermediate_size=64,
-                vocab_size=100,
-                max_position_embeddings=64,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
+    # the tiny backbone's own config, with the causal language-model head on top
+    lm = AutoModelForCausalLM.from_config(BACKBONES[name].make().config)
     model = unipeft.apply(lm.eval(), "prompt_tuning", num_tokens=3, init_std=1.0)
     ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
