@@ -10,14 +10,17 @@ from ..contract.maps import (
     generic_sites,
 )
 from .builtin import BUILTIN_MAPS
+from .tiny import BUILTIN_TINY_BACKBONES, TinyBackbone
 
 __all__ = [
     "BUILTIN_MAPS",
+    "BUILTIN_TINY_BACKBONES",
     "ROLES",
     "BlockLayout",
     "GenericMap",
     "LayoutMap",
     "StructureMap",
+    "TinyBackbone",
     "Tower",
     "generic_sites",
 ]
