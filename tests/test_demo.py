@@ -1,4 +1,4 @@
-"""The demo: its quick run's outputs, determinism, data loaders and bad output folders."""
+"""The demo: its quick run's outputs, determinism, data loaders and order, bad output folders."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ from unipeft.cli.demo import register
 from unipeft.demo import ROW_KEYS, OutputError, run_demo
 from unipeft.demo.data import digits_transfer_split, load_vader_lexicon, vader_polarity_split
 from unipeft.demo.report import PLOT, RESULTS, read_results
+from unipeft.demo.train import DrawnInSequence, shuffled
 
 FAMILIES = {"full", "probe", "reparameterized", "additive", "selective", "hybrid", "moe"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +113,17 @@ def test_digits_split_by_class() -> None:
         assert set(split.train_y.tolist()) == set(range(5))
         assert set(split.test_y.tolist()) == set(range(5))
     assert digits_transfer_split(0).adapt.test_y.tolist() == data.adapt.test_y.tolist()
+
+
+def test_data_order_is_one_generator_drawing_epoch_after_epoch() -> None:
+    draw = shuffled(10, 4)
+    gen = torch.Generator().manual_seed(3)
+    expected = [draw(gen) for _ in range(3)]  # the order of one generator, seeded once
+    order = DrawnInSequence(draw)
+    assert [len(b) for b in expected[0]] == [4, 4, 2]
+    assert [order(3, e) for e in (0, 0, 1, 2)] == [expected[i] for i in (0, 0, 1, 2)]
+    assert order(3, 1) == expected[1]  # an earlier epoch again (a resume): replayed
+    assert order(4, 0) != expected[0] and order(3, 2) == expected[2]
 
 
 def _no_training(*args: object, **kwargs: object) -> None:

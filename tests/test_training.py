@@ -230,6 +230,112 @@ def test_aux_loss_is_added_and_eval_is_recorded(tmp_path: Path) -> None:
     assert unipeft.load(BACKBONES["bert"].make(), str(result.adapter_dir)).adapters
 
 
+# ------------------------------------------------- schedules, groups, batch orders, no output
+def _reference_loop(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], head_lr: float
+) -> None:
+    """AdamW with a head group, a linear warm-up and decay through LambdaLR, by hand."""
+    head = list(model.head.parameters())  # type: ignore[union-attr]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head")]
+    opt = torch.optim.AdamW([{"params": body}, {"params": head, "lr": head_lr}], lr=1e-2,
+                            weight_decay=0.01)  # fmt: skip
+    total, warm = len(batches), 2
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    )
+    model.train()
+    for batch in batches:
+        loss = classification_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_schedule_groups_and_batch_order_match_a_hand_written_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = _setup()[1]
+    order = [[3, 1, 4, 0, 5], [9, 2, 6], [7, 8, 10, 11]]  # one epoch, three uneven batches
+    seen: list[tuple[int, int]] = []
+
+    def batch_order(seed: int, epoch: int) -> list[list[int]]:
+        seen.append((seed, epoch))
+        return order[epoch % 2 :] + order[: epoch % 2]  # epochs differ, same batch count
+
+    cfg = TrainerConfig(
+        steps=6, lr=1e-2, group_lr={"head": 3e-2}, schedule="linear", warmup=0.34,
+        weight_decay=0.01, seed=4, seed_generators=False, device="cpu", measure_memory=True,
+    )  # fmt: skip
+    assert [round(cfg.lr_factor(s), 4) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    model, _ = _setup()
+    torch.manual_seed(11)  # seed_generators=False: dropout continues this stream
+    result = Trainer(
+        model, classification_loss, data, cfg, output_dir=None, batch_order=batch_order,
+        progress=False,
+    ).train()  # fmt: skip
+    assert result.output_dir is None and result.adapter_dir is None and result.step == 6
+    assert result.seconds > 0 and isinstance(result.peak_memory_bytes, int)
+    assert {e for _, e in seen} == {0, 1} and {s for s, _ in seen} == {4}
+    assert not list(tmp_path.iterdir())  # nothing written, not even here
+
+    expected, _ = _setup()
+    epochs = [order, order[1:] + order[:1]]
+    batches = [
+        {k: torch.stack([data[i][k] for i in b]) for k in data[0]} for e in epochs for b in e
+    ]
+    torch.manual_seed(11)
+    _reference_loop(expected, batches, head_lr=3e-2)
+    for (name, got), want in zip(model.named_parameters(), expected.parameters(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_group_lr_and_output_dir_errors(tmp_path: Path) -> None:
+    model, data = _setup()
+    cfg = TrainerConfig(steps=2, batch_size=4, device="cpu", group_lr={"classifier": 1e-3})
+    with pytest.raises(ValueError, match="classifier"):
+        Trainer(model, classification_loss, data, cfg, output_dir=None).train()
+    with pytest.raises(ValueError, match="greater than 0"):
+        TrainerConfig(group_lr={"head": 0.0})
+    cfg = TrainerConfig(steps=2, batch_size=4, device="cpu")
+    with pytest.raises(ValueError, match="output_dir"):
+        Trainer(model, classification_loss, data, cfg, output_dir=None).train(resume=True)
+
+
+def test_resume_with_a_schedule_and_a_batch_order_is_bit_exact(tmp_path: Path) -> None:
+    def batch_order(seed: int, epoch: int) -> list[list[int]]:
+        perm = torch.randperm(24, generator=torch.Generator().manual_seed(seed * 100 + epoch))
+        return [b.tolist() for b in perm.split(7)]  # 4 batches: 7, 7, 7, 3
+
+    cfg = TrainerConfig(steps=10, schedule="linear", warmup=0.3, checkpoint_every=3,
+                        group_lr={"head": 5e-3}, device="cpu")  # fmt: skip
+
+    def run(out: Path, cfg: TrainerConfig, resume: bool = False, crash_at: int = 0) -> dict:
+        model, data = _setup()
+        calls = []
+
+        def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt  # a crash in the middle of step crash_at
+            return classification_loss(m, batch)
+
+        trainer = Trainer(model, loss_fn, data, cfg, output_dir=out, batch_order=batch_order,
+                          progress=False)  # fmt: skip
+        trainer.train(resume=resume)
+        return load_file(str(out / "checkpoint" / "trainable.safetensors"))
+
+    full = run(tmp_path / "full", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", cfg, crash_at=8)  # the last checkpoint is step 6's
+    assert read_checkpoint(tmp_path / "cut").step == 6  # type: ignore[union-attr]
+    with pytest.raises(CheckpointError, match="steps: 10 -> 12"):
+        run(tmp_path / "cut", cfg.model_copy(update={"steps": 12}), resume=True)
+    resumed = run(tmp_path / "cut", cfg, resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 # ---------------------------------------------------------------- unipeft train CONFIG.yaml
 YAML = """model: tiny:bert
 data:

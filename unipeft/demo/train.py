@@ -1,27 +1,29 @@
-"""Training, evaluation and measurement shared by the demo's tasks."""
+"""How the demo trains and scores a row: its recipes and rows, its data order, and the bridge
+to :class:`unipeft.training.Trainer`, which runs every training loop of the demo."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import functools
-import gc
 import os
 import random
-import resource
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..training import Trainer, TrainerConfig, TrainResult
 
 Batch = tuple[dict[str, Tensor], Tensor]
 """Model inputs (keyword arguments) and labels."""
+Draw = Callable[[torch.Generator], list[list[int]]]
+"""One epoch's batches (lists of example indices), drawn from a generator."""
+
+WEIGHT_DECAY = 0.01
+WARMUP = 0.06
+"""The share of the steps over which the learning rate warms up (then it decays linearly)."""
 
 ROW_KEYS = (
     "task",
@@ -81,141 +83,113 @@ def set_determinism(seed: int, threads: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _proc_status(field: str) -> int | None:
-    """A size from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+class TensorExamples(Dataset[Batch]):
+    """Examples ``({key: x[i]}, y[i])``; a batch is fetched in one indexing
+    (``__getitems__``, which the DataLoader prefers), so pass :func:`fetched` as its
+    collate function."""
+
+    def __init__(self, key: str, x: Tensor, y: Tensor) -> None:
+        self.key, self.x, self.y = key, x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Batch:
+        return {self.key: self.x[i]}, self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        i = torch.tensor(indices, dtype=torch.long)
+        return {self.key: self.x[i]}, self.y[i]
 
 
-def _rss_bytes() -> int:
-    """The resident set size now."""
-    now = _proc_status("VmRSS")
-    return now if now is not None else _maxrss_bytes()
+def fetched(batch: Batch) -> Batch:
+    """The collate function of :class:`TensorExamples`: the batch as it was fetched."""
+    return batch
 
 
-def _peak_rss_bytes() -> int:
-    """The peak resident set size since the last reset: the kernel's ``VmHWM`` (what
-    ``resource.getrusage`` reports as max RSS; that call is the fallback off Linux)."""
-    peak = _proc_status("VmHWM")
-    return peak if peak is not None else _maxrss_bytes()
+def shuffled(n: int, batch_size: int) -> Draw:
+    """Draw a permutation of ``n`` examples, cut into batches of ``batch_size``."""
+
+    def draw(gen: torch.Generator) -> list[list[int]]:
+        return [b.tolist() for b in torch.randperm(n, generator=gen).split(batch_size)]
+
+    return draw
 
 
-def _maxrss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+class DrawnInSequence:
+    """The demo's data order as the trainer's ``batch_order(seed, epoch)``: one generator,
+    seeded once with ``seed``, draws epoch after epoch. The last epoch drawn is kept, so a
+    run asking for its epochs in turn draws each once."""
+
+    def __init__(self, draw: Draw) -> None:
+        self.draw = draw
+        self._seed: int | None = None
+        self._gen = torch.Generator()
+        self._next = 0
+        self._last: list[list[int]] = []
+
+    def __call__(self, seed: int, epoch: int) -> list[list[int]]:
+        if seed != self._seed or epoch < self._next - 1:
+            self._seed, self._next = seed, 0
+            self._gen.manual_seed(seed)
+        while self._next <= epoch:
+            self._last = self.draw(self._gen)
+            self._next += 1
+        return self._last
 
 
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
+def _loss(model: nn.Module, batch: Batch) -> Tensor:
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(**inputs), labels)
 
 
-def _release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
-    the resident size at the start of a run counts live memory only."""
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where that is refused."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory of a block. On CUDA: ``torch.cuda.max_memory_allocated`` (reset first).
-    On CPU: how far the process's peak resident set size rose above its size at the start.
-    Before the block, freed heap pages go back to the OS (glibc ``malloc_trim``) and the
-    kernel's high-water mark is reset (``/proc/self/clear_refs``); after it, the peak is
-    read from ``VmHWM`` in ``/proc/self/status`` (``resource.getrusage`` max RSS off
-    Linux, where the mark cannot be reset and the growth reads 0 once an earlier block
-    peaked higher)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.bytes = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            _release_free_memory()
-            _reset_peak_rss()
-            self._start = _rss_bytes()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self.bytes = max(0, _peak_rss_bytes() - self._start)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def fit(
+def train(
     model: nn.Module,
-    batches: Callable[[torch.Generator], Sequence[Batch]],
+    data: Dataset[Any] | Sequence[Any],
+    draw: Draw,
+    collate: Callable[[Any], Batch],
     *,
-    head: nn.Module,
     lr: float,
     head_lr: float | None,
     epochs: int,
     seed: int,
     device: torch.device,
-    aux_loss: Callable[[], Tensor | None] | None = None,
-    weight_decay: float = 0.01,
-    warmup: float = 0.06,
-) -> None:
-    """AdamW on the trainable parameters, linear warm-up then linear decay; cross-entropy
-    plus ``aux_loss()`` (e.g. MoE load balancing) where it returns a tensor."""
-    head_ids = {id(p) for p in head.parameters()}
-    body = [p for p in trainable_parameters(model) if id(p) not in head_ids]
-    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": head_lr or lr}]
-    if body:
-        groups.append({"params": body, "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    first = batches(gen)  # every epoch has as many batches; later ones are drawn when due
-    total = epochs * len(first)
-    warm = max(1, int(warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    weight_decay: float = WEIGHT_DECAY,
+    measure_memory: bool = True,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters with :class:`~unipeft.training.Trainer`, in
+    memory: AdamW, a linear warm-up over 6% of the steps then a linear decay, cross-entropy
+    plus the model's ``aux_loss()`` (MoE load balancing). ``head_lr`` is the learning rate
+    of ``model.head`` (default: ``lr``). Torch's generator is not reseeded: the caller seeds
+    it before building the model, and dropout continues that stream."""
+    order = DrawnInSequence(draw)
+    steps = epochs * len(order(seed, 0))
+    config = TrainerConfig(
+        steps=steps,
+        lr=lr,
+        group_lr={"head": head_lr} if head_lr is not None else {},
+        weight_decay=weight_decay,
+        schedule="linear",
+        warmup=WARMUP,
+        seed=seed,
+        seed_generators=False,
+        device=str(device),
+        log_every=steps,
+        measure_memory=measure_memory,
     )
-    model.train()
-    for epoch in range(epochs):
-        for inputs, labels in first if epoch == 0 else batches(gen):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            logits = model(**inputs)
-            loss = nn.functional.cross_entropy(logits, labels.to(device))
-            extra = aux_loss() if aux_loss is not None else None
-            if extra is not None:
-                loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    trainer = Trainer(
+        model,
+        _loss,
+        data,
+        config,
+        output_dir=None,
+        collate_fn=collate,
+        batch_order=order,
+        progress=False,
+    )
+    result = trainer.train()
     model.eval()
+    return result
 
 
 @torch.no_grad()
@@ -228,14 +202,3 @@ def accuracy(model: nn.Module, batches: Sequence[Batch], device: torch.device) -
         correct += int((logits.argmax(-1).cpu() == labels).sum())
         seen += len(labels)
     return correct / max(1, seen)
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t:`` ... ``t[0]`` holds the seconds the block took."""
-    box = [0.0]
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box[0] = time.perf_counter() - start

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .data import DigitsSplit, DigitsTransfer, digits_transfer_split
 from .models import ImageClassifier, small_clip_image_tower, small_timm_vit
 from .runner import Task, run_recipes
-from .train import Batch, Recipe, Row, accuracy, fit
+from .train import Batch, Recipe, Row, TensorExamples, accuracy, fetched, shuffled, train
 
 BACKBONES: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "timm": ("vision: digits 0-4 -> 5-9 / timm ViT", small_timm_vit),
@@ -21,10 +21,9 @@ FEATURES = 64  # the width of both towers' pooled embedding
 BATCH = 64
 
 
-def image_batches(x: Tensor, y: Tensor, gen: torch.Generator | None = None) -> list[Batch]:
-    """Batches of ``BATCH`` images, shuffled with ``gen`` (in order without)."""
-    order = torch.randperm(len(y), generator=gen) if gen is not None else torch.arange(len(y))
-    return [({"pixels": x[i]}, y[i]) for i in order.split(BATCH)]
+def image_batches(x: Tensor, y: Tensor) -> list[Batch]:
+    """Batches of ``BATCH`` images, in order (evaluation)."""
+    return [({"pixels": x[i]}, y[i]) for i in torch.arange(len(y)).split(BATCH)]
 
 
 def recipes(quick: bool) -> list[Recipe]:
@@ -51,16 +50,18 @@ def pretrain(
     """Train ``backbone`` fully on ``data`` with a temporary head; its test accuracy."""
     torch.manual_seed(seed)
     clf = ImageClassifier(backbone, FEATURES, data.num_classes).to(device)
-    fit(
+    train(
         clf,
-        lambda gen: image_batches(data.train_x, data.train_y, gen),
-        head=clf.head,
+        TensorExamples("pixels", data.train_x, data.train_y),
+        shuffled(len(data.train_y), BATCH),
+        fetched,
         lr=2e-3,
         head_lr=None,
         epochs=epochs,
         seed=seed,
         device=device,
         weight_decay=0.05,
+        measure_memory=False,
     )
     return accuracy(clf, image_batches(data.test_x, data.test_y), device)
 
@@ -89,7 +90,9 @@ def build_task(
     return Task(
         name=name,
         make=make,
-        train_batches=lambda gen: image_batches(adapt.train_x, adapt.train_y, gen),
+        train_data=TensorExamples("pixels", adapt.train_x, adapt.train_y),
+        collate=fetched,
+        draw=shuffled(len(adapt.train_y), BATCH),
         test_batches=image_batches(adapt.test_x, adapt.test_y),
         probe_batches=image_batches(adapt.train_x, adapt.train_y),
     )

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from .checkpoint import Checkpoint, find_checkpoint, read_checkpoint, recover
 from .config import TrainerConfig
-from .data import epoch_seed
+from .data import BatchOrder, epoch_seed
 from .graphs import GraphedStep
+from .memory import PeakMemory
 from .run import RunResult, run
 from .spec import DataSpec, RunConfig, RunConfigError, load_run_config
 from .state import CheckpointError, TrainingError
@@ -22,12 +23,14 @@ from .task import TextClassifier, classification_loss
 from .trainer import EvalFn, LossFn, Trainer, TrainResult
 
 __all__ = [
+    "BatchOrder",
     "Checkpoint",
     "CheckpointError",
     "DataSpec",
     "EvalFn",
     "GraphedStep",
     "LossFn",
+    "PeakMemory",
     "RunConfig",
     "RunConfigError",
     "RunResult",

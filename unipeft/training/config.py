@@ -3,24 +3,50 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
-RESUME_FIELDS = ("seed", "batch_size", "lr", "weight_decay", "grad_clip")
+RESUME_FIELDS = (
+    "seed",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "group_lr",
+    "schedule",
+    "warmup",
+)
 """Fields that must not change when a run resumes: they shape the data order or the updates,
 so a different value could not continue the same run. The others (``steps``, the
-intervals, ``device``) may change."""
+intervals, ``device``) may change, except ``steps`` under a schedule that depends on it."""
 
 
 class TrainerConfig(BaseModel):
-    """How :class:`unipeft.training.Trainer` trains: AdamW at a constant learning rate."""
+    """How :class:`unipeft.training.Trainer` trains: AdamW, at a constant learning rate
+    unless ``schedule`` or ``warmup`` say otherwise."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     steps: int = Field(100, ge=1, description="number of optimizer steps to train for")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (the schedule's peak)")
+    group_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="learning rates of the parameters under these module names (e.g. "
+        "{'head': 1e-3}; the longest matching name wins), in place of lr",
+    )
+    schedule: Literal["constant", "linear"] = Field(
+        "constant", description="'constant', or 'linear': decay to 0 at the last step"
+    )
+    warmup: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of the steps over which the learning rate rises linearly "
+        "from lr/w to lr (w: that many steps, at least 1)",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     batch_size: int = Field(8, ge=1, description="examples per batch (per optimizer step)")
     eval_every: int = Field(
@@ -32,6 +58,11 @@ class TrainerConfig(BaseModel):
     seed: int = Field(
         0, ge=0, description="seeds the data order (per epoch) and torch's generator (dropout)"
     )
+    seed_generators: bool = Field(
+        True,
+        description="seed torch's, Python's and NumPy's generators with seed at a fresh "
+        "start; false: keep their state (seeded by the caller before building the model)",
+    )
     grad_clip: float | None = Field(
         None, gt=0, description="clip the gradients' global L2 norm to this; null: no clipping"
     )
@@ -42,6 +73,11 @@ class TrainerConfig(BaseModel):
     log_every: int = Field(
         10, ge=1, description="record the loss to metrics.jsonl every this many steps"
     )
+    measure_memory: bool = Field(
+        False,
+        description="measure the peak memory of training (TrainResult.peak_memory_bytes); on "
+        "CPU this resets the process's resident-size high-water mark",
+    )
 
     @field_validator("device")
     @classmethod
@@ -51,6 +87,24 @@ class TrainerConfig(BaseModel):
                 f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
             )
         return value
+
+    @field_validator("group_lr")
+    @classmethod
+    def _check_group_lr(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: lr for name, lr in value.items() if not lr > 0}
+        if bad:
+            raise ValueError(f"learning rates must be greater than 0, got {bad}")
+        return value
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of step ``step`` (0-based) over its peak: the warm-up's ramp,
+        then 1 (constant) or a linear decay that reaches 0 after the last step."""
+        warm = max(1, int(self.warmup * self.steps))
+        if self.schedule == "linear":
+            decay = max(0.0, (self.steps - step) / max(1, self.steps - warm))
+        else:
+            decay = 1.0
+        return min((step + 1) / warm, decay)
 
     def resolved_device(self) -> str:
         """The device to train on: ``auto`` becomes ``cuda`` when one is available."""

@@ -1,19 +1,25 @@
 """Data order as a pure function of (seed, epoch), so a resumed run sees the same batches.
 
-Each epoch is a permutation drawn from a generator seeded with :func:`epoch_seed`. The
-position in the data is the step alone: step ``s`` is batch ``s % batches_per_epoch`` of
-epoch ``s // batches_per_epoch``, so resuming skips the consumed batches of the current
-epoch without loading them.
+Each epoch is a permutation drawn from a generator seeded with :func:`epoch_seed`, or the
+batches a caller's :data:`BatchOrder` gives for ``(seed, epoch)``. The position in the data
+is the step alone: step ``s`` is batch ``s % batches_per_epoch`` of epoch
+``s // batches_per_epoch``, so resuming skips the consumed batches of the current epoch
+without loading them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+BatchOrder = Callable[[int, int], Sequence[Sequence[int]]]
+"""``order(seed, epoch)``: the batches of epoch ``epoch`` as lists of dataset indices. It must
+be a function of its arguments alone (a resumed run asks for the same epoch again), and
+every epoch must have as many batches."""
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: epochs of nearby seeds do not collide
 
@@ -62,11 +68,6 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
     return math.ceil(size / batch_size)
 
 
-def position(step: int, size: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batch within the epoch) of the batch that step ``step`` (0-based) consumes."""
-    return divmod(step, batches_per_epoch(size, batch_size))
-
-
 def epoch_loader(
     dataset: Dataset[Any],
     *,
@@ -88,4 +89,24 @@ def epoch_loader(
         collate_fn=collate_fn,
         num_workers=0,
         generator=torch.Generator().manual_seed(order_seed),
+    )
+
+
+def order_loader(
+    dataset: Dataset[Any],
+    order: BatchOrder,
+    *,
+    seed: int,
+    epoch: int,
+    skip_batches: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader[Any]:
+    """A DataLoader over the batches ``order(seed, epoch)``, after its first ``skip_batches``."""
+    batches = [[int(i) for i in b] for b in order(seed, epoch)[skip_batches:]]
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)),
     )

