@@ -263,3 +263,11 @@ def test_every_readme_name_is_public() -> None:
     assert unipeft.registry().method("lora").id == "lora"  # the function, not the alias
     assert isinstance(unipeft.delta, type(unipeft))  # and the module alias
     assert nn.Module in unipeft.DeltaModule.__mro__
+
+
+def test_the_hosts_fast_path_lookup_follows_the_protocol() -> None:
+    from unipeft.runtime import state
+
+    members = {n for n in vars(FastPath) if not n.startswith("_")}
+    assert set(state._FAST_MEMBERS) == members
+    assert state._has_fast_path(_CountingLowRank) and not state._has_fast_path(LowRankDelta)

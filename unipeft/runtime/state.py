@@ -76,7 +76,24 @@ class Attachment:
     fast: FastPath | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.fast = self.delta if isinstance(self.delta, FastPath) else None
+        self.fast = self.delta if _has_fast_path(type(self.delta)) else None
+
+
+_FAST_CLASSES: dict[type, bool] = {}
+
+
+def _has_fast_path(cls: type) -> bool:
+    """Whether instances of ``cls`` implement :class:`FastPath`, decided once per class (a
+    runtime protocol check inspects every member, which adds up over hundreds of sites)."""
+    known = _FAST_CLASSES.get(cls)
+    if known is None:
+        known = _FAST_CLASSES[cls] = all(
+            callable(getattr(cls, name, None)) for name in _FAST_MEMBERS
+        )
+    return known
+
+
+_FAST_MEMBERS = ("update_", "fused_linear", "update_slices", "link", "mixed")
 
 
 def first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
