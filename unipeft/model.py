@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import re
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from .contract.config import DeltaConfig
 from .contract.deltas import DeltaModule
 from .contract.errors import AdapterError, MergeError, TargetError
 from .contract.method import Method, site_kinds_of
-from .contract.plan import AdapterPlan
+from .contract.plan import BASE, AdapterPlan, adapter_name_refusal
 from .contract.sites import ModuleSite, Site
 from .runtime.hosts import HostTable
 from .runtime.ledger import MergeLedger
@@ -27,8 +26,6 @@ from .runtime.registry import Registry, registry
 from .runtime.state import AdapterState, Attachment, Routing
 from .runtime.targets import resolve_targets
 
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-BASE = "__base__"
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
@@ -273,12 +270,15 @@ class DeltaModel(nn.Module):
         return built
 
     def check_adapter_name(self, name: str) -> None:
-        """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name."""
-        if not isinstance(name, str) or not _NAME.match(name) or name == BASE:
-            raise AdapterError(
-                f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' "
-                f"(and not {BASE!r}, which names the plain backbone)"
-            )
+        """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name.
+
+        The rule (:func:`unipeft.contract.plan.adapter_name_refusal`) is the same for every
+        way an adapter enters: ``add_adapter``, ``unipeft.load``, ``combine`` and the PEFT
+        importer all go through :meth:`attach`. 1 to 128 ASCII letters, digits, ``_`` or
+        ``-``, and not ``"__base__"``, which names the plain backbone in mixed batches."""
+        reason = adapter_name_refusal(name)
+        if reason is not None:
+            raise AdapterError(reason)
         if name in self._adapters:
             raise AdapterError(
                 f"adapter name {name!r} is already in use (adapters: {', '.join(self._adapters)}); "

@@ -19,6 +19,7 @@ from public names alone::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,24 @@ from torch import Tensor
 from .config import DeltaConfig
 from .method import Method
 from .sites import Site
+
+BASE = "__base__"
+"""The name of the plain backbone in a mixed batch (``adapter_names=[..., "__base__"]``)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+
+
+def adapter_name_refusal(name: object) -> str | None:
+    """Why ``name`` cannot name an adapter, or ``None`` when it can.
+
+    The rule, the same for every way an adapter enters a model: 1 to 128 characters among
+    ASCII letters, digits, ``_`` and ``-`` (so a name is safe in a file, a state-dict key
+    and a tensor key), and not ``"__base__"``, which names the plain backbone."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        return f"adapter name {name!r} is invalid: use 1 to 128 ASCII letters, digits, '_' or '-'"
+    if name == BASE:
+        return f"adapter name {BASE!r} is reserved: it names the plain backbone in mixed batches"
+    return None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._version import __version__
 from ..contract.errors import AdapterError, LoadError
-from ..contract.plan import AdapterPlan
+from ..contract.plan import AdapterPlan, adapter_name_refusal
 from ..runtime.targets import all_sites, pick_map
 
 if TYPE_CHECKING:
@@ -155,6 +155,13 @@ def plan_adapters(
     smap = pick_map(backbone, registry.sorted_maps())
     by_name = {s.name: s for s in all_sites(backbone, smap)}
 
+    for name in doc["adapters"]:
+        reason = adapter_name_refusal(name)
+        if reason is not None:
+            raise LoadError(
+                f"{Path(directory) / CONFIG_FILE} names an adapter that cannot be loaded: "
+                f"{reason}"
+            )
     plans = []
     for name, meta in doc["adapters"].items():
         spec = registry.method(meta["method"])
