@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..runtime.registry import Registry
 
 CONFIG_FILE = "unipeft_adapters.json"
+TMP_PREFIX = ".unipeft-tmp-"
 WEIGHTS_FILE = "unipeft_adapters.safetensors"
 FORMAT_VERSION = 1
 
@@ -74,21 +76,58 @@ def save_adapters(
     }
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    # Write next to the destination, fsync, then rename each file into place: a crash leaves
-    # whole files. The config records the weights' SHA-256, so a crash between the two
-    # renames (new weights, old config) is detected on load instead of mixing two saves.
-    with tempfile.TemporaryDirectory(dir=target, prefix=".unipeft-tmp-") as tmp:
+    _settle(target)
+    # Write both files into a temporary folder beside the destination, fsync, then rename
+    # each into place (each rename is atomic). A kill between the two renames leaves the new
+    # weights beside the old config, and the new config in the temporary folder: the weights'
+    # SHA-256 in each config tells which config belongs to the live weights, so load() and
+    # the next save() find the new pair (see _matching_config). Nothing else is ever partial.
+    with tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
         weights = os.path.join(tmp, WEIGHTS_FILE)
         save_file(tensors, weights, metadata={"format": "unipeft"})
         doc["weights_sha256"] = _sha256(weights)
         config = os.path.join(tmp, CONFIG_FILE)
         with open(config, "w", encoding="utf-8") as fh:
             json.dump(doc, fh, indent=2, sort_keys=True)
-        for path in (weights, config):
+        for path in (weights, config, tmp):
             _fsync(path)
         os.replace(weights, target / WEIGHTS_FILE)
+        _fsync(str(target))
         os.replace(config, target / CONFIG_FILE)
         _fsync(str(target))
+
+
+def _settle(target: Path) -> None:
+    """Before a save: finish a save that was killed between its two renames (its config is
+    still in its temporary folder), then remove the temporary folders killed saves left."""
+    weights, config = target / WEIGHTS_FILE, target / CONFIG_FILE
+    if weights.is_file() and _config_checksum(config) != (live := _sha256(weights)):
+        waiting = _matching_config(target, live)
+        if waiting is not None:
+            os.replace(waiting, config)
+            _fsync(str(target))
+    # what is left in temporary folders pairs with no live file: half-written new saves
+    for stale in target.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _config_checksum(path: Path) -> str | None:
+    """The ``weights_sha256`` a config file records, or None if it has none or is unreadable."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = doc.get("weights_sha256") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _matching_config(target: Path, checksum: str) -> Path | None:
+    """The config a killed save left in its temporary folder for weights of ``checksum``."""
+    for candidate in sorted(target.glob(f"{TMP_PREFIX}*/{CONFIG_FILE}")):
+        if _config_checksum(candidate) == checksum:
+            return candidate
+    return None
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -112,6 +151,11 @@ def _fsync(path: str) -> None:
 def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    live = _sha256(w_path) if w_path.is_file() else None
+    if live is not None and _config_checksum(cfg_path) != live:
+        # a save killed between its renames: its config, which matches the live weights,
+        # is still in its temporary folder (read it there; load never changes the folder)
+        cfg_path = _matching_config(d, live) or cfg_path
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise LoadError(f"{p} does not exist; is {d} a directory written by DeltaModel.save()?")
@@ -131,7 +175,7 @@ def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"({__version__}) reads up to {FORMAT_VERSION}: upgrade unipeft"
         )
     expected = doc.get("weights_sha256")
-    if expected is not None and _sha256(w_path) != expected:
+    if expected is not None and live != expected:
         raise LoadError(
             f"{w_path} does not match {cfg_path} (checksum differs): the two files come from "
             "different saves or the weights were modified; save the adapters again"
@@ -159,8 +203,7 @@ def plan_adapters(
         reason = adapter_name_refusal(name)
         if reason is not None:
             raise LoadError(
-                f"{Path(directory) / CONFIG_FILE} names an adapter that cannot be loaded: "
-                f"{reason}"
+                f"{Path(directory) / CONFIG_FILE} names an adapter that cannot be loaded: {reason}"
             )
     plans = []
     for name, meta in doc["adapters"].items():

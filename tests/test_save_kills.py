@@ -1,0 +1,175 @@
+"""DeltaModel.save() killed at any instant leaves a folder that loads the old adapters or the
+new ones, never neither; the next save removes what a killed save left behind.
+
+The save runs in a forked child that is killed: at each file operation of the save in turn
+(the child exits on the spot with ``os._exit``, as a kill would: no clean-up runs), and at
+random instants while it saves in a loop (SIGKILL from the parent).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import unipeft
+from unipeft.features import saving
+from unipeft.testing.backbones import BACKBONES
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+# the file operations of a save, as the saving module calls them
+OPERATIONS = ("save_file", "_sha256", "_fsync", "_settle")
+
+
+def _model(seed: int) -> unipeft.DeltaModel:
+    model = unipeft.apply(BACKBONES["bert"].make(), "lora", r=2, targets=["attn.q", "attn.v"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.deltas.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _tensors(model: unipeft.DeltaModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.deltas.state_dict().items()}
+
+
+def _which(directory: Path, old: dict, new: dict) -> str:
+    loaded = _tensors(unipeft.load(BACKBONES["bert"].make(), str(directory)))
+    for label, expected in (("old", old), ("new", new)):
+        if loaded.keys() == expected.keys() and all(
+            torch.equal(loaded[k], v) for k, v in expected.items()
+        ):
+            return label
+    raise AssertionError("the folder holds neither the old adapters nor the new ones")
+
+
+def _child(fn) -> int:  # type: ignore[no-untyped-def]
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def _operations_of_a_save(folder: Path, model: unipeft.DeltaModel) -> int:
+    """How many file operations a save over an earlier save makes."""
+    count = [0]
+    originals = {name: getattr(saving, name) for name in OPERATIONS}
+    replace = os.replace
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            return fn(*a, **k)
+
+        return call
+
+    try:
+        for name, fn in originals.items():
+            setattr(saving, name, counted(fn))
+        os.replace = counted(replace)
+        model.save(str(folder))
+    finally:
+        for name, fn in originals.items():
+            setattr(saving, name, fn)
+        os.replace = replace
+    return count[0]
+
+
+def test_a_kill_at_every_file_operation(tmp_path: Path) -> None:
+    old_model, new_model = _model(0), _model(1)
+    old, new = _tensors(old_model), _tensors(new_model)
+    old_model.save(str(tmp_path / "count"))
+    steps = _operations_of_a_save(tmp_path / "count", new_model)
+    assert steps >= 8  # settle, write, checksum, three fsyncs, two renames and their fsyncs
+    seen = []
+    for k in range(1, steps + 2):  # k = steps + 1: the save runs to its end
+        folder = tmp_path / f"kill-{k}"
+        old_model.save(str(folder))
+
+        def save_and_die(k: int = k, folder: Path = folder) -> None:
+            count = [0]
+
+            def dying(fn):  # type: ignore[no-untyped-def]
+                def call(*a, **kw):  # type: ignore[no-untyped-def]
+                    count[0] += 1
+                    if count[0] == k:
+                        os._exit(9)  # no finally, no atexit, no temporary-folder clean-up
+                    return fn(*a, **kw)
+
+                return call
+
+            for name in OPERATIONS:
+                setattr(saving, name, dying(getattr(saving, name)))
+            os.replace = dying(os.replace)
+            new_model.save(str(folder))
+
+        status = _child(save_and_die)
+        killed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 9
+        assert killed == (k <= steps), (k, status)
+        seen.append(_which(folder, old, new))
+        # the next save completes and leaves no temporary folder behind
+        new_model.save(str(folder))
+        assert _which(folder, old, new) == "new"
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "unipeft_adapters.json",
+            "unipeft_adapters.safetensors",
+        ]
+    assert seen[0] == "old" and seen[-1] == "new"
+    assert "old" in seen and "new" in seen
+
+
+def test_a_kill_between_the_renames_loads_the_new_adapters(tmp_path: Path) -> None:
+    old_model, new_model = _model(0), _model(1)
+    old, new = _tensors(old_model), _tensors(new_model)
+    old_model.save(str(tmp_path))
+
+    def die_after_first_rename() -> None:
+        replace = os.replace
+
+        def once(src, dst):  # type: ignore[no-untyped-def]
+            replace(src, dst)
+            os._exit(9)
+
+        os.replace = once
+        new_model.save(str(tmp_path))
+
+    _child(die_after_first_rename)
+    assert len(list(tmp_path.glob(".unipeft-tmp-*"))) == 1  # the new config waits there
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert _which(tmp_path, old, new) == "new"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files  # read only
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kills_at_random_instants(tmp_path: Path, seed: int) -> None:
+    old_model, new_model = _model(0), _model(1)
+    old, new = _tensors(old_model), _tensors(new_model)
+    rng = random.Random(seed)
+    outcomes = []
+    for i in range(8):
+        folder = tmp_path / f"run-{i}"
+        old_model.save(str(folder))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    new_model.save(str(folder))
+                    old_model.save(str(folder))
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        outcomes.append(_which(folder, old, new))
+    assert set(outcomes) <= {"old", "new"}
