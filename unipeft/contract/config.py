@@ -14,10 +14,13 @@ class DeltaConfig(BaseModel):
 
     Subclasses declare their fields with ``pydantic.Field(description=...)`` and constraints
     (``ge``, ``le``, ``Literal``...). Configs are frozen, reject unknown fields, and
-    round-trip through JSON.
+    round-trip through JSON. Types are strict: no ``True`` for an integer, no ``"8"`` for a
+    number (an integer is taken for a float); floats must be finite.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, strict=True, allow_inf_nan=False
+    )
 
     @classmethod
     def parse(cls, method_id: str, values: dict[str, Any]) -> Self:
