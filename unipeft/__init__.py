@@ -47,7 +47,7 @@ from .features import arithmetic, budget, interop
 from .features.budget import BudgetPlan, plan_budget
 from .model import Adapter, DeltaModel
 from .runtime.registry import PluginFailure, Registry, register_plugin, registry, reset_registry
-from .runtime.targets import all_sites, pick_map, resolve_targets
+from .runtime.targets import all_sites, pick_map, resolve_targets  # noqa: F401 (0.1 names)
 
 # Module paths of unipeft 0.1, kept as aliases of the modules' homes since the renovation
 # (docs/architecture.md has the tree): ``from unipeft.delta import DeltaModule`` still works.
@@ -137,7 +137,7 @@ def plugin_failures() -> list[PluginFailure]:
 
 def inspect_sites(backbone: nn.Module) -> list[Site]:
     """Every site of ``backbone``: the structure map's role sites, then generic ones."""
-    return all_sites(backbone, pick_map(backbone, registry().sorted_maps()))
+    return all_sites(backbone, registry().pick_map(backbone))
 
 
 __all__ = [

@@ -193,7 +193,7 @@ class DeltaModel(nn.Module):
         else:
             target_list = [targets] if isinstance(targets, str) else list(targets)
         smap, sites, optional = resolve_targets(
-            self.base_model, target_list, self._registry.sorted_maps()
+            self.base_model, target_list, self._registry.sorted_maps(), self._registry.map_failed
         )
         # sites a role pattern reached only by the way (optional) are dropped if refused
         sites = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]

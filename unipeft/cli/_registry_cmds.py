@@ -17,7 +17,6 @@ import unipeft
 from unipeft.contract.deltas import FAMILIES
 from unipeft.contract.method import Method, site_kinds_of
 from unipeft.contract.sites import Site
-from unipeft.runtime.targets import pick_map
 
 from ._backbones import Backbone, load_backbone, spec_forms
 from ._common import CliError, cli_errors, print_json, stdout_console, warn
@@ -316,7 +315,7 @@ def _backbone_summary(backbone: Backbone) -> dict[str, Any]:
         "class": type(model).__name__,
         "source": backbone.source,
         "parameters": _count(model),
-        "structure_map": pick_map(model, unipeft.registry().sorted_maps()).name,
+        "structure_map": unipeft.registry().pick_map(model).name,
         "roles": [g.as_dict() for g in groups.values()],
         "module_sites": sum(1 for s in sites if s.role is None),
     }

@@ -68,7 +68,8 @@ def plan_budget(
     total = sum(p.numel() for p in backbone.parameters())
     cfg = spec.config.parse(spec.id, fixed)
     target_list = list(targets) if targets is not None else spec.targets_for(cfg)
-    _, sites, optional = resolve_targets(backbone, target_list, registry().sorted_maps())
+    reg = registry()
+    _, sites, optional = resolve_targets(backbone, target_list, reg.sorted_maps(), reg.map_failed)
     field = spec.budget_field
 
     def count(values: dict[str, Any]) -> tuple[int, dict[str, Any]]:

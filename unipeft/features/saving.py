@@ -23,7 +23,7 @@ from torch import nn
 from .._version import __version__
 from ..contract.errors import AdapterError, LoadError
 from ..contract.plan import AdapterPlan, adapter_name_refusal
-from ..runtime.targets import all_sites, pick_map
+from ..runtime.targets import all_sites
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
@@ -196,7 +196,7 @@ def plan_adapters(
     against the delta it will fill), and the names that were active. Reads only JSON and
     safetensors; changes nothing."""
     doc, tensors = read_saved(directory)
-    smap = pick_map(backbone, registry.sorted_maps())
+    smap = registry.pick_map(backbone)
     by_name = {s.name: s for s in all_sites(backbone, smap)}
 
     for name in doc["adapters"]:

@@ -20,6 +20,7 @@ from ..contract.errors import PluginError
 from ..contract.maps import StructureMap
 from ..contract.method import Method
 from ..maps.tiny import TinyBackbone
+from .targets import pick_map as _pick_map
 
 BUILTIN_MODULE = "unipeft._builtin"
 BUILTIN_DISTRIBUTION = "unipeft"
@@ -57,6 +58,33 @@ class Registry:
     failures: list[PluginFailure] = field(default_factory=list)
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution
     manager: pluggy.PluginManager | None = None
+    strict: bool = False
+
+    def pick_map(self, model: Any) -> StructureMap:
+        """The structure map for ``model``; a map that raises in ``matches`` is skipped
+        and recorded as a failure of its plugin (an error in strict mode)."""
+        return _pick_map(model, self.sorted_maps(), self.map_failed)
+
+    def map_failed(self, smap: StructureMap, exc: BaseException) -> None:
+        """Record that ``smap`` raised in ``matches``; in strict mode, raise."""
+        name = getattr(smap, "name", repr(smap))
+        source = self.map_sources.get(name, "<unknown>")
+        found = re.fullmatch(r"(.*) \(plugin '(.*)'\)", source)
+        dist, plugin = found.groups() if found else (source, source)
+        failure = PluginFailure(plugin, dist, f"matches ({name})", f"{type(exc).__name__}: {exc}")
+        if self.strict:
+            raise PluginError(
+                f"structure map {name!r} from {source} raised in matches(): {failure.error} "
+                f"({STRICT_ENV} is set)"
+            ) from exc
+        if failure not in self.failures:
+            self.failures.append(failure)
+            warnings.warn(
+                f"structure map {name!r} from {source} raised in matches() and is skipped: "
+                f"{failure.error}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def method(self, method_id: str) -> Method:
         try:
@@ -250,7 +278,7 @@ def build_registry(
         strict = _flag(STRICT_ENV)
     if entry_points is None:
         entry_points = metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
-    reg = Registry()
+    reg = Registry(strict=strict)
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     reg.manager = pm

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..contract.errors import TargetError
+from ..contract.errors import PluginError, TargetError
 from ..contract.maps import ROLES, StructureMap, generic_sites
 from ..contract.sites import Site
 
@@ -88,9 +88,30 @@ def _compile(text: str, pattern: str) -> re.Pattern[str]:
         raise TargetError(f"target {text!r} is not a role and not a valid regex: {exc}") from None
 
 
-def pick_map(model: nn.Module, maps: Sequence[StructureMap]) -> StructureMap:
+MapFailure = Callable[[StructureMap, BaseException], None]
+"""Told of a structure map whose ``matches`` raised (the registry records it for the plugin)."""
+
+
+def pick_map(
+    model: nn.Module, maps: Sequence[StructureMap], on_failure: MapFailure | None = None
+) -> StructureMap:
+    """The first of ``maps`` (sorted by priority) that matches ``model``.
+
+    A map whose ``matches`` raises is skipped, so one broken plugin map does not stop any
+    backbone from being adapted: ``on_failure`` is told (the registry records a plugin
+    failure, an error in strict mode); without it, the error is raised naming the map."""
     for smap in maps:
-        if smap.matches(model):
+        try:
+            hit = smap.matches(model)
+        except Exception as exc:
+            if on_failure is None:
+                raise PluginError(
+                    f"structure map {getattr(smap, 'name', smap)!r} raised in matches(): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            on_failure(smap, exc)
+            continue
+        if hit:
             return smap
     raise TargetError(f"no structure map matches {type(model).__name__}")  # generic always does
 
@@ -115,7 +136,10 @@ def describe_roles(sites: Sequence[Site]) -> str:
 
 
 def resolve_targets(
-    model: nn.Module, targets: Sequence[str], maps: Sequence[StructureMap]
+    model: nn.Module,
+    targets: Sequence[str],
+    maps: Sequence[StructureMap],
+    on_failure: MapFailure | None = None,
 ) -> tuple[StructureMap, list[Site], set[str]]:
     """Sites for ``targets``, without duplicates, and the names of the sites reached only
     through optional targets."""
@@ -124,7 +148,7 @@ def resolve_targets(
     if not targets:
         raise TargetError("targets is empty; name at least one role or module regex")
     parsed = [parse_target(t) for t in targets]
-    smap = pick_map(model, maps)
+    smap = pick_map(model, maps, on_failure)
     role_targets = [p for p in parsed if isinstance(p, RoleTarget)]
     if role_targets and smap.name == "generic":
         roles = ", ".join(p.text for p in role_targets)

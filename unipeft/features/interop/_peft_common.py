@@ -9,7 +9,7 @@ from torch import nn
 from ...contract.errors import LoadError
 from ...contract.sites import ModuleSite, SequenceSite
 from ...runtime.registry import registry
-from ...runtime.targets import all_sites, pick_map
+from ...runtime.targets import all_sites
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -33,7 +33,7 @@ _ENCODER_NOTE = (
 
 def _sequence_site(backbone: nn.Module) -> SequenceSite:
     """The one Hugging Face text token sequence, where PEFT's prompt tuning puts its tokens."""
-    sites = all_sites(backbone, pick_map(backbone, registry().sorted_maps()))
+    sites = all_sites(backbone, registry().pick_map(backbone))
     found = [s for s in sites if isinstance(s, SequenceSite)]
     text = [s for s in found if s.style == "hf_text"]
     if len(text) != 1:

@@ -41,7 +41,6 @@ from ...contract.plan import AdapterPlan
 from ...contract.sites import ModuleSite, Site
 from ...model import DeltaModel
 from ...runtime.registry import registry
-from ...runtime.targets import pick_map
 from ._peft_common import (
     _FIELD_MAP,
     _SUPPORTED_TEXT,
@@ -101,7 +100,7 @@ def load(backbone: nn.Module, path: PathLike, *, adapter_name: str = "default") 
         reason = spec.refusal(cfg, site)
         if reason is not None:
             raise LoadError(f"unipeft's {spec.id} cannot take this adapter: {reason}")
-    smap = pick_map(base, reg.sorted_maps()).name
+    smap = reg.pick_map(base).name
     adapter = AdapterPlan(spec, cfg, tuple(plan.sites), tuple(plan.targets), plan.states, smap)
     if model is None:
         model = DeltaModel(base)
