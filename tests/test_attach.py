@@ -64,7 +64,8 @@ def test_an_importer_written_with_public_names_only() -> None:
 
 def test_attach_keeps_the_rng_when_tensors_are_given() -> None:
     bb = BACKBONES["llama"]
-    plan = unipeft.DeltaModel(bb.make()).plan("lora", r=2)
+    model = unipeft.DeltaModel(bb.make())
+    plan = model.plan("lora", r=2)
     state = {
         s.name: dict(LowRankDelta(unipeft.ProjectionShape.of(s), 2, 4.0).state_dict())
         for s in plan.sites
@@ -73,8 +74,21 @@ def test_attach_keeps_the_rng_when_tensors_are_given() -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    unipeft.DeltaModel(bb.make()).attach("a", given)
+    model.attach("a", given)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_plan_attaches_only_to_the_model_it_was_made_for() -> None:
+    """A plan's sites are modules of one backbone: attached to another model, they would
+    hook that backbone instead. Refused, and nothing changes."""
+    bb = BACKBONES["bert"]
+    plan = unipeft.DeltaModel(bb.make()).plan("lora", r=2)
+    other = unipeft.DeltaModel(bb.make())
+    before = _snapshot(other)
+    with pytest.raises(unipeft.TargetError, match="belongs to another model"):
+        other.attach("a", plan)
+    _same(before, _snapshot(other))
+    assert not any(m._forward_hooks for m in plan.sites[0].module.modules())
 
 
 def test_plan_validates_itself() -> None:

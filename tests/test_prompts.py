@@ -87,3 +87,26 @@ def test_generation_with_a_kv_cache_matches_uncached_decoding(name: str) -> None
             logits[..., 0] = float("-inf")  # min_new_tokens forbids the eos token (0)
             current = torch.cat([current, logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, current)
+
+
+@pytest.mark.parametrize(("name", "limit"), [("bert", 512), ("gpt2", 64), ("llama", None)])
+def test_the_token_sequence_knows_its_position_table(name: str, limit: int | None) -> None:
+    (site,) = [s for s in unipeft.inspect_sites(BACKBONES[name].make()) if s.kind == "sequence"]
+    assert site.max_length == limit
+
+
+def test_soft_tokens_must_leave_room_in_the_position_table() -> None:
+    """GPT-2's table holds 64 positions: 63 soft tokens fit (one input token left), 64
+    are refused at apply with the limit, and an input too long with the prompts is
+    refused on the forward pass with the longest length that fits; the model still works."""
+    bb = BACKBONES["gpt2"]
+    with pytest.raises(unipeft.ConfigError, match=r"num_tokens=64 .* must be <= 63"):
+        unipeft.apply(bb.make(), "prompt_tuning", num_tokens=64)
+    model = unipeft.apply(bb.make(), "prompt_tuning", num_tokens=63)
+    with torch.no_grad():
+        assert model(torch.ones(1, 1, dtype=torch.long)).last_hidden_state.shape == (1, 1, 32)
+        with pytest.raises(ValueError, match="at most 1 input tokens"):
+            model(torch.ones(1, 2, dtype=torch.long))
+        assert model(torch.ones(2, 1, dtype=torch.long)).last_hidden_state.shape == (2, 1, 32)
+        with model.disable():  # without the prompts the whole table is the input's
+            assert model(torch.ones(1, 64, dtype=torch.long)).last_hidden_state.shape[1] == 64

@@ -83,7 +83,10 @@ def apply(
     ``targets`` are semantic roles (``"attn.q"``, ``"mlp.down[0:4]"``, ``"text/attn.v"``) or
     module-name regexes; ``None`` uses the method's defaults. ``config`` holds the method's
     fields (see ``list_methods()``). The backbone is frozen; only the delta is trainable.
-    On any error the backbone is left exactly as it was.
+    On any error the backbone is left exactly as it was: a ``TypeError`` for an argument of
+    the wrong type (a backbone that is not an ``nn.Module``...), a :class:`UnipeftError`
+    (``ConfigError``, ``TargetError``, ``AdapterError``, ``PluginError``) naming the field,
+    target or name at fault otherwise.
     """
     model = DeltaModel(backbone)
     model.add_adapter(adapter_name, method, targets=targets, **config)
@@ -96,7 +99,15 @@ def load(backbone: nn.Module, directory: str) -> DeltaModel:
     Every file is read and checked before the backbone is touched; on any error the
     backbone is left exactly as it was."""
     from .features.saving import plan_adapters
+    from .runtime.checks import load_directory, require_module
 
+    require_module(backbone)
+    if isinstance(backbone, DeltaModel):
+        raise AdapterError(
+            "backbone is already a unipeft DeltaModel; load adapters onto the plain backbone "
+            "(model.unload() gives it back), or add them to this model with add_adapter()"
+        )
+    directory = load_directory(directory)
     plans, active = plan_adapters(backbone, directory, registry())
     model = DeltaModel(backbone)
     try:
@@ -137,6 +148,9 @@ def plugin_failures() -> list[PluginFailure]:
 
 def inspect_sites(backbone: nn.Module) -> list[Site]:
     """Every site of ``backbone``: the structure map's role sites, then generic ones."""
+    from .runtime.checks import require_module
+
+    require_module(backbone)
     return all_sites(backbone, registry().pick_map(backbone))
 
 

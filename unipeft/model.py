@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from .contract.config import DeltaConfig
 from .contract.deltas import DeltaModule
-from .contract.errors import AdapterError, MergeError, TargetError
-from .contract.method import Method, site_kinds_of
+from .contract.errors import AdapterError, MergeError, UnipeftError
+from .contract.method import Method
 from .contract.plan import BASE, AdapterPlan, adapter_name_refusal
-from .contract.sites import ModuleSite, Site
+from .contract.sites import Site
+from .runtime import checks
 from .runtime.hosts import HostTable
 from .runtime.ledger import MergeLedger
 from .runtime.registry import Registry, registry
@@ -45,7 +46,9 @@ class Adapter:
 
     def delta_at(self, site: Site | str) -> DeltaModule:
         """The delta module this adapter placed at ``site`` (a site or its name)."""
-        name = site if isinstance(site, str) else site.name
+        name = site if isinstance(site, str) else getattr(site, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"site must be a Site or a site name, got {type(site).__name__}")
         for att in self.attachments:
             if att.site.name == name:
                 return att.delta
@@ -66,6 +69,7 @@ class DeltaModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, _registry: Registry | None = None) -> None:
+        checks.require_module(backbone)
         if isinstance(backbone, DeltaModel):
             raise AdapterError("this model is already a unipeft DeltaModel; use add_adapter()")
         if backbone in _WRAPPED:
@@ -99,6 +103,7 @@ class DeltaModel(nn.Module):
         self._check_live()
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
+        adapter_names = checks.sample_names(adapter_names)
         self._routing(adapter_names)  # validates the names before anything runs
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         if first is not None and first.dim() and first.shape[0] != len(adapter_names):
@@ -184,19 +189,21 @@ class DeltaModel(nn.Module):
         self, method: str, *, targets: Sequence[str] | str | None = None, **config: Any
     ) -> AdapterPlan:
         """Resolve ``method``, its config and ``targets`` (the method's defaults when
-        ``None``) on this model's backbone, without changing anything."""
+        ``None``) on this model's backbone, without changing anything. Every site is checked
+        against the method (:class:`TargetError`) and the config's sizes against every site
+        (:class:`ConfigError`, e.g. more soft tokens than a position table holds)."""
         self._check_live()
-        spec = self._registry.method(method)
+        spec = self._registry.method(checks.require_method_id(method))
+        asked = checks.target_list(targets)
         cfg = spec.config.parse(spec.id, config)
-        if targets is None:
-            target_list = spec.targets_for(cfg)
-        else:
-            target_list = [targets] if isinstance(targets, str) else list(targets)
+        target_list = spec.targets_for(cfg) if asked is None else asked
         smap, sites, optional = resolve_targets(
             self.base_model, target_list, self._registry.sorted_maps(), self._registry.map_failed
         )
         # sites a role pattern reached only by the way (optional) are dropped if refused
         sites = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]
+        checks.check_sites(spec, cfg, sites, target_list)
+        checks.check_sizes(spec, cfg, sites)
         return AdapterPlan(spec, cfg, tuple(sites), tuple(target_list), None, smap.name)
 
     def attach(self, adapter_name: str, plan: AdapterPlan) -> Adapter:
@@ -209,8 +216,11 @@ class DeltaModel(nn.Module):
         """
         self._check_live()
         self.check_adapter_name(adapter_name)
+        checks.plan_type(plan)
         spec, cfg, sites = plan.method, plan.config, list(plan.sites)
-        _check_sites(spec, cfg, sites, list(plan.targets))
+        checks.sites_in(self.base_model, sites)
+        checks.check_sites(spec, cfg, sites, list(plan.targets))
+        checks.check_sizes(spec, cfg, sites)
         built = self._build(spec, cfg, sites, plan.state)
 
         # -- mutation starts here; undo everything on failure
@@ -226,7 +236,12 @@ class DeltaModel(nn.Module):
                 self._hosts.add(att)
                 done.append(att)
             self.deltas[adapter_name] = nn.ModuleDict({site_key(s): built[s.name] for s in sites})
-            _link(attachments)
+            try:
+                _link(attachments)
+            except UnipeftError:
+                raise
+            except Exception as exc:  # a plugin's fast path: name it, undo everything
+                raise self._registry.method_failed(spec, "link", exc) from exc
             if first:
                 for p in self.base_model.parameters():
                     p.requires_grad_(False)
@@ -292,7 +307,8 @@ class DeltaModel(nn.Module):
     def set_active(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters: they run together, in this order. An empty
         sequence leaves only the backbone."""
-        names = (names,) if isinstance(names, str) else tuple(names)
+        self._check_live()
+        names = tuple(checks.adapter_names(names, "set_active(names)"))
         for n in names:
             self.get_adapter(n)
         stranded = sorted(set(self.merged_adapters) - set(names))
@@ -305,6 +321,7 @@ class DeltaModel(nn.Module):
 
     def list_adapters(self) -> list[dict[str, Any]]:
         """One row per adapter: name, method, family, targets, sites, parameters, state."""
+        self._check_live()
         merged = set(self.merged_adapters)
         return [
             {
@@ -323,6 +340,7 @@ class DeltaModel(nn.Module):
     def get_adapter(self, name: str) -> Adapter:
         """The adapter called ``name``; an :class:`AdapterError` names the known ones."""
         self._check_live()
+        checks.require_adapter_name(name, "get_adapter(name)")
         try:
             return self._adapters[name]
         except KeyError:
@@ -333,6 +351,8 @@ class DeltaModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter: its hooks, its parameters and its state-dict entries."""
+        self._check_live()
+        checks.require_adapter_name(name, "delete_adapter(name)")
         self.get_adapter(name)
         if name in self._state.active:
             others = [a for a in self._adapters if a != name]
@@ -377,9 +397,7 @@ class DeltaModel(nn.Module):
             self._state.routing = None
 
     def _routing(self, adapter_names: Sequence[str]) -> Routing:
-        if isinstance(adapter_names, str) or not len(adapter_names):
-            raise AdapterError("adapter_names must be a non-empty list, one name per sample")
-        names = tuple(adapter_names)
+        names = checks.sample_names(adapter_names)
         for n in set(names) - {BASE}:
             self.get_adapter(n)
         if self.merged_adapters:
@@ -409,7 +427,9 @@ class DeltaModel(nn.Module):
         that is already merged warns and does nothing.
         """
         self._check_live()
-        names = self._names(adapter_names, self._state.active)
+        names = self._names(adapter_names, self._state.active, "merge(adapter_names)")
+        for name in names:
+            self.get_adapter(name)
         todo: list[Attachment] = []
         for name in names:
             adapter = self.get_adapter(name)
@@ -426,25 +446,36 @@ class DeltaModel(nn.Module):
             if name not in self._state.active:
                 raise MergeError(f"adapter {name!r} is not active; set_active() it to merge it")
             for att in adapter.attachments:
-                why = _merge_refusal(att.site)
+                why = checks.merge_refusal(att.site)
                 if why:
                     raise MergeError(f"adapter {name!r} cannot be merged: {why}")
                 todo.append(att)
         self._ledger.merge(todo)
 
     def unmerge(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Take adapters (default: every merged one) out of the weights, bit-exactly."""
+        """Take adapters (default: every merged one) out of the weights, bit-exactly.
+        Naming an adapter that is not merged warns and does nothing."""
         self._check_live()
-        names = self._names(adapter_names, self.merged_adapters)
+        names = self._names(adapter_names, self.merged_adapters, "unmerge(adapter_names)")
+        merged = self.merged_adapters
         for name in names:
             self.get_adapter(name)
+        for name in names:
+            if name not in merged:
+                warnings.warn(
+                    f"adapter {name!r} is not merged (merged: {merged or 'none'}); unmerge() "
+                    "leaves it as is",
+                    stacklevel=2,
+                )
         todo = [a for a in self._ledger.merged() if a.adapter in names]
         self._ledger.unmerge(todo)
 
-    def _names(self, names: str | Sequence[str] | None, default: Sequence[str]) -> list[str]:
+    def _names(
+        self, names: str | Sequence[str] | None, default: Sequence[str], argument: str
+    ) -> list[str]:
         if names is None:
             return list(default)
-        return [names] if isinstance(names, str) else list(names)
+        return checks.adapter_names(names, argument)
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the backbone with its original state."""
@@ -467,33 +498,11 @@ class DeltaModel(nn.Module):
         from .features.saving import save_adapters
 
         self._check_live()
-        save_adapters(self, directory, adapters)
-
-
-def _merge_refusal(site: Site) -> str | None:
-    if not isinstance(site, ModuleSite):
-        return f"site {site.name!r} is a token sequence"
-    return site.merge_refusal()
-
-
-def _check_sites(spec: Method, cfg: DeltaConfig, sites: list[Site], targets: list[str]) -> None:
-    """Raise :class:`TargetError` unless ``spec`` can attach at every site."""
-    if not sites:
-        raise TargetError(
-            f"method {spec.id!r} found no site it can attach to among targets {targets}"
-        )
-    refused = [(s, r) for s in sites if (r := spec.refusal(cfg, s)) is not None]
-    if not refused:
-        return
-    site, reason = refused[0]
-    more = f" ({len(refused) - 1} more sites refused)" if len(refused) > 1 else ""
-    if set(site_kinds_of(site)) & set(spec.site_kinds):  # the method's own check refused it
-        hint = "Choose targets this method accepts, or change the config."
-    else:
-        hint = f"Choose targets of the kinds it accepts: {', '.join(spec.site_kinds)}."
-    raise TargetError(
-        f"method {spec.id!r} cannot attach where targets {targets} point: {reason}{more}. {hint}"
-    )
+        path = checks.save_directory(directory)
+        names = None if adapters is None else checks.adapter_names(adapters, "save(adapters)")
+        for name in names or ():
+            self.get_adapter(name)
+        save_adapters(self, path, names)
 
 
 def _load_state(delta: DeltaModule, state: Any, site: Site, spec: Method) -> None:

@@ -45,12 +45,19 @@ class Method:
     summary: str = ""
     accepts: Callable[[Any, Site], str | None] | None = None
     """Optional finer check than ``site_kinds``: return why a site is refused, or None."""
+    size_check: Callable[[Any, Site], str | None] | None = None
+    """Optional check of the config's sizes against one site: return why they do not fit
+    (naming the field and the limit, e.g. ``"num_tokens=80 ... must be <= 63"``), or None.
+    Unlike ``accepts``, a refusal here is never skipped, even on optional targets: the
+    call raises :class:`~unipeft.contract.errors.ConfigError` before anything is built."""
     budget_field: str | None = None
     """The integer config field that sets the method's size (LoRA's ``r``), which the
     budget planner searches; None for methods of fixed size."""
     distribution: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id, str):
+            raise TypeError(f"method id must be a string, got {type(self.id).__name__}")
         if self.family not in FAMILIES:
             raise ValueError(f"method {self.id!r}: family must be one of {FAMILIES}")
         if not self.id or not self.id.replace("_", "").replace("-", "").isalnum():
@@ -85,6 +92,10 @@ class Method:
         if self.accepts is not None:
             return self.accepts(config, site)
         return None
+
+    def size_refusal(self, config: DeltaConfig, site: Site) -> str | None:
+        """Why ``config``'s sizes do not fit ``site`` (None if they do or nothing checks)."""
+        return self.size_check(config, site) if self.size_check is not None else None
 
     def with_distribution(self, distribution: str) -> Method:
         return replace(self, distribution=distribution)

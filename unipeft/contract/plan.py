@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .config import DeltaConfig
 from .method import Method
-from .sites import Site
+from .sites import ModuleSite, SequenceSite, Site
 
 BASE = "__base__"
 """The name of the plain backbone in a mixed batch (``adapter_names=[..., "__base__"]``)."""
@@ -69,14 +69,32 @@ class AdapterPlan:
     structure_map: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.method, Method):
+            raise TypeError(
+                f"the plan's method must be a unipeft.Method (unipeft.get_method(id)), got "
+                f"{type(self.method).__name__}"
+            )
         if not isinstance(self.config, self.method.config):
             raise TypeError(
                 f"the plan's config is a {type(self.config).__name__}, but method "
                 f"{self.method.id!r} takes a {self.method.config.__name__}: build it with "
                 f"method.config.parse(method.id, fields)"
             )
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "targets", tuple(self.targets))
+        for i, site in enumerate(self.sites):
+            if not isinstance(site, ModuleSite | SequenceSite):
+                raise TypeError(
+                    f"the plan's sites[{i}] is a {type(site).__name__}; each must be a site of "
+                    "the backbone (unipeft.inspect_sites(backbone) lists them)"
+                )
+        if self.state is not None and not isinstance(self.state, Mapping):
+            raise TypeError(
+                f"the plan's state must map site names to state dicts, got "
+                f"{type(self.state).__name__}"
+            )
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})

@@ -163,6 +163,10 @@ class SequenceSite:
     role: str = "tokens"
     layer: int | None = None
     embedding: nn.Module | None = field(default=None, repr=False)
+    max_length: int | None = None
+    """The most positions the sequence holds, soft tokens included (the size of a learned
+    position table the tokens pass through), or ``None`` when nothing bounds it. Methods
+    that insert tokens check their count against it (:attr:`Method.size_check`)."""
 
     kind = "sequence"
 

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..contract.errors import ConfigError
+from ..runtime.checks import require_method_id, require_module, target_list
 from ..runtime.registry import registry
 from ..runtime.targets import resolve_targets
 
@@ -63,13 +64,15 @@ def plan_budget(
     ``fixed`` holds config fields to keep as given. Raises :class:`ConfigError` when no
     value of the method's size field fits, naming the smallest fraction it can reach.
     """
+    require_module(backbone)
     fraction = parse_budget(budget)
-    spec = registry().method(method)
+    spec = registry().method(require_method_id(method))
     total = sum(p.numel() for p in backbone.parameters())
     cfg = spec.config.parse(spec.id, fixed)
-    target_list = list(targets) if targets is not None else spec.targets_for(cfg)
+    asked = target_list(targets)
+    wanted = asked if asked is not None else spec.targets_for(cfg)
     reg = registry()
-    _, sites, optional = resolve_targets(backbone, target_list, reg.sorted_maps(), reg.map_failed)
+    _, sites, optional = resolve_targets(backbone, wanted, reg.sorted_maps(), reg.map_failed)
     field = spec.budget_field
 
     def count(values: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -85,7 +88,7 @@ def plan_budget(
                 f"{spec.id} with {fixed or 'its defaults'} trains {n} parameters "
                 f"({100 * n / total:.4g}% of {total}), over the budget of {100 * fraction:.4g}%"
             )
-        return BudgetPlan(spec.id, config, target_list, n, total)
+        return BudgetPlan(spec.id, config, wanted, n, total)
     lo, hi = _bounds(spec.config, field)
     n_lo, _ = count({**fixed, field: lo})
     if n_lo > limit:
@@ -101,7 +104,7 @@ def plan_budget(
         else:
             hi = mid - 1
     n, config = count({**fixed, field: lo})
-    return BudgetPlan(spec.id, config, target_list, n, total)
+    return BudgetPlan(spec.id, config, wanted, n, total)
 
 
 def _bounds(config: type, field: str) -> tuple[int, int]:

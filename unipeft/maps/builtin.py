@@ -33,9 +33,26 @@ def _hf_text_sequence(index: int):
             index=index,
             style="hf_text",
             embedding=embedding,
+            max_length=_position_table(base),
         )
 
     return build
+
+
+_POSITION_TABLES = ("embeddings.position_embeddings", "wpe", "embed_positions")
+
+
+def _position_table(base: nn.Module) -> int | None:
+    """The size of a learned absolute position table (BERT's ``position_embeddings``,
+    GPT-2's ``wpe``), which soft tokens pass through; ``None`` for rotary or no positions."""
+    for path in _POSITION_TABLES:
+        try:
+            table = base.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(table, nn.Embedding):
+            return int(table.num_embeddings) - int(getattr(table, "offset", 0))
+    return None
 
 
 def _hf_vit_sequence(model: nn.Module, prefix: str, tower: str | None) -> SequenceSite | None:

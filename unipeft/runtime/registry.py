@@ -20,6 +20,7 @@ from ..contract.errors import PluginError
 from ..contract.maps import StructureMap
 from ..contract.method import Method
 from ..maps.tiny import TinyBackbone
+from .isolation import guard_method
 from .targets import pick_map as _pick_map
 
 BUILTIN_MODULE = "unipeft._builtin"
@@ -51,6 +52,7 @@ class Registry:
     failed."""
 
     methods: dict[str, Method] = field(default_factory=dict)
+    method_sources: dict[str, str] = field(default_factory=dict)
     maps: list[StructureMap] = field(default_factory=list)
     map_sources: dict[str, str] = field(default_factory=dict)
     tiny_backbones: dict[str, TinyBackbone] = field(default_factory=dict)
@@ -65,28 +67,49 @@ class Registry:
         and recorded as a failure of its plugin (an error in strict mode)."""
         return _pick_map(model, self.sorted_maps(), self.map_failed)
 
-    def map_failed(self, smap: StructureMap, exc: BaseException) -> None:
-        """Record that ``smap`` raised in ``matches``; in strict mode, raise."""
+    def map_failed(self, smap: StructureMap, exc: BaseException, stage: str = "matches") -> None:
+        """Record that ``smap`` raised in ``matches`` or ``sites`` (or returned the wrong
+        type there); in strict mode, raise :class:`PluginError`. The caller skips the map."""
         name = getattr(smap, "name", repr(smap))
         source = self.map_sources.get(name, "<unknown>")
-        found = re.fullmatch(r"(.*) \(plugin '(.*)'\)", source)
-        dist, plugin = found.groups() if found else (source, source)
-        failure = PluginFailure(plugin, dist, f"matches ({name})", f"{type(exc).__name__}: {exc}")
+        dist, plugin = _source_parts(source)
+        failure = PluginFailure(plugin, dist, f"{stage} ({name})", f"{type(exc).__name__}: {exc}")
         if self.strict:
             raise PluginError(
-                f"structure map {name!r} from {source} raised in matches(): {failure.error} "
+                f"structure map {name!r} from {source} raised in {stage}(): {failure.error} "
                 f"({STRICT_ENV} is set)"
             ) from exc
         if failure not in self.failures:
             self.failures.append(failure)
             warnings.warn(
-                f"structure map {name!r} from {source} raised in matches() and is skipped: "
+                f"structure map {name!r} from {source} raised in {stage}() and is skipped: "
                 f"{failure.error}",
                 RuntimeWarning,
                 stacklevel=3,
             )
 
+    def method_failed(self, method: Method, stage: str, exc: BaseException) -> PluginError:
+        """Record that ``method`` raised (or returned the wrong type) in ``stage`` and return
+        the :class:`PluginError` to raise, naming the method and its distribution. The call
+        fails in any mode (the method was asked for); other methods are unaffected."""
+        source = self.method_sources.get(method.id, method.distribution or "<unknown>")
+        dist, plugin = _source_parts(source)
+        error = f"{type(exc).__name__}: {exc}"
+        failure = PluginFailure(plugin, dist, f"{stage} ({method.id})", error)
+        if failure not in self.failures:
+            self.failures.append(failure)
+        return PluginError(
+            f"method {method.id!r} from {source} failed in {stage}(): {error}. This is a "
+            f"fault of the plugin, not of the call: report it to the maintainers of {dist}; "
+            "other methods keep working"
+        )
+
     def method(self, method_id: str) -> Method:
+        if not isinstance(method_id, str):
+            raise TypeError(
+                f"a method id must be a string such as 'lora', got {type(method_id).__name__} "
+                f"{method_id!r}"
+            )
         try:
             return self.methods[method_id]
         except KeyError:
@@ -98,6 +121,8 @@ class Registry:
 
     def tiny_backbone(self, name: str) -> TinyBackbone:
         """The registered tiny backbone ``name``; an error listing the known names if none."""
+        if not isinstance(name, str):
+            raise TypeError(f"a tiny backbone name must be a string, got {type(name).__name__}")
         try:
             return self.tiny_backbones[name]
         except KeyError:
@@ -109,6 +134,12 @@ class Registry:
 
     def sorted_maps(self) -> list[StructureMap]:
         return sorted(self.maps, key=lambda m: -m.priority)
+
+
+def _source_parts(source: str) -> tuple[str, str]:
+    """``(distribution, plugin)`` from a source such as ``"dist (plugin 'name')"``."""
+    found = re.fullmatch(r"(.*) \(plugin '(.*)'\)", source)
+    return (found[1], found[2]) if found else (source, source)
 
 
 def _close(name: str, known: Iterable[str], n: int = 3) -> str:
@@ -212,8 +243,11 @@ def _sinks(reg: Registry) -> dict[str, Callable[[str, str], Callable[[Any], None
                     f"method id {method.id!r} is registered twice: by {sources[method.id]} "
                     f"and by {dist} (plugin {plugin!r}). Uninstall one, or rename the method."
                 )
-            reg.methods[method.id] = method.with_distribution(dist)
-            sources[method.id] = f"{dist} (plugin {plugin!r})"
+            method = method.with_distribution(dist)
+            if dist != BUILTIN_DISTRIBUTION:  # a plugin's callables run behind guards
+                method = guard_method(method, reg.method_failed)
+            reg.methods[method.id] = method
+            sources[method.id] = reg.method_sources[method.id] = f"{dist} (plugin {plugin!r})"
 
         return register
 
@@ -355,6 +389,15 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
     For notebooks and tests; installed distributions use the ``unipeft`` entry point. The
     registry is rebuilt on next use, so errors (e.g. a duplicate method id) surface then.
     """
+    marker = f"{hookspecs.PROJECT}_impl"
+    if not any(hasattr(getattr(plugin, n, None), marker) for n in dir(plugin)):
+        raise TypeError(
+            f"plugin must be a module or an object with @unipeft.hookimpl functions "
+            f"(register_methods, register_backbones...), got {type(plugin).__name__} "
+            f"{plugin!r:.60}"
+        )
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
     name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
     if any(n == name for n, _, _ in _IN_PROCESS):
         raise PluginError(f"a plugin named {name!r} is already registered in this process")

@@ -85,6 +85,11 @@ class SequenceHost:
         if not running:
             return None
         n = len(routing.names)
+        if ref.shape[0] != n:
+            raise ValueError(
+                f"adapter_names has {n} entries but the batch at {self.site.name!r} has "
+                f"{ref.shape[0]} samples; give one name per sample"
+            )
         per = {}
         for att in running:
             per.setdefault(att.adapter, []).append(att.delta.tokens(1)[0])
@@ -210,6 +215,14 @@ class SequenceHost:
         else:
             p = self.prompts(embeds.shape[0], embeds)
         n_prompt = 0 if p is None else p.shape[1]
+        limit = self.site.max_length
+        if n_prompt and limit is not None and embeds.shape[1] + n_prompt > limit:
+            raise ValueError(
+                f"input_ids has {embeds.shape[1]} tokens and the active adapters insert "
+                f"{n_prompt} soft tokens at {self.site.name!r}: {embeds.shape[1] + n_prompt} "
+                f"positions, but the model's position table holds {limit}; give at most "
+                f"{limit - n_prompt} input tokens"
+            )
         self._inserted.append(n_prompt)
         if not n_prompt:
             return args, kwargs

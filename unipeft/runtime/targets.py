@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..contract.errors import PluginError, TargetError
 from ..contract.maps import ROLES, StructureMap, generic_sites
-from ..contract.sites import Site
+from ..contract.sites import ModuleSite, SequenceSite, Site
 
 _TARGET = re.compile(
     r"^(?:(?P<tower>[A-Za-z_]\w*)/)?(?P<role>[a-z]+(?:\.[a-z]+)?)(?:\[(?P<sel>[^\]]*)\])?$"
@@ -45,12 +45,14 @@ class RoleTarget:
         try:
             if ":" in sel:
                 parts = [int(p) if p.strip() else None for p in sel.split(":")]
+                if len(parts) > 3:
+                    raise ValueError("a slice has at most start:stop:step")
                 return set(range(n_layers)[slice(*parts)])
             picked = [int(p) for p in sel.split(",")]
         except ValueError:
             raise TargetError(
-                f"target {self.text!r}: layer selector [{sel}] must be a slice like [0:4] or "
-                "a list like [0,2,-1]"
+                f"target {self.text!r}: layer selector [{sel}] must be a slice like [0:4] "
+                "(start:stop or start:stop:step, step not 0) or a list like [0,2,-1]"
             ) from None
         for i in picked:
             if not -n_layers <= i < n_layers:
@@ -70,7 +72,10 @@ class RegexTarget:
 
 def parse_target(text: str) -> RoleTarget | RegexTarget:
     if not isinstance(text, str) or not text or text == "?":
-        raise TargetError(f"a target must be a non-empty string, got {text!r}")
+        raise TargetError(
+            f"a target must be a non-empty string (a role such as 'attn.q[0:2]' or a "
+            f"module-name regex), got {text!r}"
+        )
     optional = text.endswith("?")
     body = text[:-1] if optional else text
     if body.startswith("re:"):
@@ -88,8 +93,9 @@ def _compile(text: str, pattern: str) -> re.Pattern[str]:
         raise TargetError(f"target {text!r} is not a role and not a valid regex: {exc}") from None
 
 
-MapFailure = Callable[[StructureMap, BaseException], None]
-"""Told of a structure map whose ``matches`` raised (the registry records it for the plugin)."""
+MapFailure = Callable[[StructureMap, BaseException, str], None]
+"""Told of a structure map whose ``matches`` or ``sites`` (the third argument) raised or
+returned the wrong type (the registry records it for the plugin)."""
 
 
 def pick_map(
@@ -97,30 +103,73 @@ def pick_map(
 ) -> StructureMap:
     """The first of ``maps`` (sorted by priority) that matches ``model``.
 
-    A map whose ``matches`` raises is skipped, so one broken plugin map does not stop any
-    backbone from being adapted: ``on_failure`` is told (the registry records a plugin
-    failure, an error in strict mode); without it, the error is raised naming the map."""
+    A map whose ``matches`` or ``sites`` raises (or whose ``sites`` returns anything but a
+    list of sites) is skipped, so one broken plugin map does not stop any backbone from
+    being adapted: ``on_failure`` is told (the registry records a plugin failure, an error
+    in strict mode); without it, the error is raised naming the map."""
+    return _pick(model, maps, on_failure)[0]
+
+
+def _pick(
+    model: nn.Module, maps: Sequence[StructureMap], on_failure: MapFailure | None
+) -> tuple[StructureMap, list[Site]]:
+    """The map :func:`pick_map` returns, and its sites: a map whose ``sites`` raises or
+    returns anything but a list of sites is skipped like one whose ``matches`` raises."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"the backbone must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}"
+        )
     for smap in maps:
         try:
             hit = smap.matches(model)
         except Exception as exc:
-            if on_failure is None:
-                raise PluginError(
-                    f"structure map {getattr(smap, 'name', smap)!r} raised in matches(): "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            on_failure(smap, exc)
+            _failed(smap, exc, "matches", on_failure)
             continue
-        if hit:
-            return smap
+        if not hit:
+            continue
+        try:
+            sites = _checked_sites(smap, model)
+        except Exception as exc:
+            _failed(smap, exc, "sites", on_failure)
+            continue
+        return smap, sites
     raise TargetError(f"no structure map matches {type(model).__name__}")  # generic always does
+
+
+def _failed(
+    smap: StructureMap, exc: BaseException, stage: str, on_failure: MapFailure | None
+) -> None:
+    if on_failure is None:
+        raise PluginError(
+            f"structure map {getattr(smap, 'name', smap)!r} raised in {stage}(): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    on_failure(smap, exc, stage)
+
+
+def _checked_sites(smap: StructureMap, model: nn.Module) -> list[Site]:
+    if smap.name == "generic":
+        return []
+    sites = smap.sites(model)
+    if isinstance(sites, str | bytes) or not isinstance(sites, Sequence | Iterator):
+        raise TypeError(
+            f"sites() returned a {type(sites).__name__}; it must return a list of sites"
+        )
+    sites = list(sites)
+    for s in sites:
+        if not isinstance(s, ModuleSite | SequenceSite):
+            raise TypeError(
+                f"sites() returned a {type(s).__name__} among its sites; each must be a "
+                "unipeft ModuleSite or SequenceSite"
+            )
+    return sites
 
 
 def all_sites(model: nn.Module, smap: StructureMap) -> list[Site]:
     """The map's sites plus generic sites for every module (names are unique)."""
     seen: set[str] = set()
     out: list[Site] = []
-    sites = list(smap.sites(model)) if smap.name != "generic" else []
+    sites = _checked_sites(smap, model)
     for site in [*sites, *generic_sites(model)]:
         if site.name not in seen:
             seen.add(site.name)
@@ -148,7 +197,7 @@ def resolve_targets(
     if not targets:
         raise TargetError("targets is empty; name at least one role or module regex")
     parsed = [parse_target(t) for t in targets]
-    smap = pick_map(model, maps, on_failure)
+    smap, smap_sites = _pick(model, maps, on_failure)
     role_targets = [p for p in parsed if isinstance(p, RoleTarget)]
     if role_targets and smap.name == "generic":
         roles = ", ".join(p.text for p in role_targets)
@@ -159,22 +208,20 @@ def resolve_targets(
             "unipeft.inspect_sites(model) for the names), or register a structure map for "
             "this architecture through the register_backbones hook."
         )
-    map_sites = smap.sites(model) if role_targets else []
+    map_sites = smap_sites if role_targets else []
     generic = generic_sites(model) if len(role_targets) < len(parsed) else []
     chosen: dict[tuple, Site] = {}
     required: set[str] = set()
     for target in parsed:
         matched = _match(target, map_sites, generic)
         if not matched and not target.optional:
-            raise TargetError(
-                _no_match_message(target, model, smap, map_sites or smap.sites(model))
-            )
+            raise TargetError(_no_match_message(target, model, smap, map_sites or smap_sites))
         for site in matched:
             site = chosen.setdefault(_physical_key(site), site)
             if not target.optional:
                 required.add(site.name)
     if not chosen:
-        roles = describe_roles(map_sites or smap.sites(model))
+        roles = describe_roles(map_sites or smap_sites)
         raise TargetError(
             f"targets {list(targets)} match nothing on {type(model).__name__} (map "
             f"{smap.name!r}); roles on this backbone: {roles}"
@@ -209,10 +256,22 @@ def _match(target, map_sites: list[Site], generic: list[Site]) -> list[Site]:
     by_tower: dict[str | None, list[Site]] = {}
     for s in candidates:
         by_tower.setdefault(s.tower, []).append(s)
+    depths = []
     for tower_sites in by_tower.values():
-        n_layers = 1 + max(s.layer for s in tower_sites if s.layer is not None)
+        layers = [s.layer for s in tower_sites if s.layer is not None]
+        if not layers:
+            continue
+        n_layers = 1 + max(layers)
+        depths.append(n_layers)
         keep = target.layers(n_layers)
         out.extend(s for s in tower_sites if s.layer in keep)
+    if depths and not out and not target.optional:
+        stacks = " and ".join(f"{n} layers (0..{n - 1})" for n in sorted(set(depths)))
+        raise TargetError(
+            f"target {target.text!r}: layer selector [{target.selector}] selects no layer; "
+            f"this backbone's stacks have {stacks}. A slice [start:stop] keeps the layers "
+            "start..stop-1 (negative bounds count from the end)"
+        )
     return out
 
 

@@ -63,6 +63,22 @@ def _count(cfg: PromptTuningConfig, site: Site) -> int:
     return cfg.num_tokens * site.features
 
 
+def tokens_refusal(field: str, count: int, site: Site) -> str | None:
+    """Why ``count`` soft tokens (config field ``field``) do not fit ``site``'s position
+    table, or None: at least one position must stay free for the input itself."""
+    if not isinstance(site, SequenceSite) or site.max_length is None or count < site.max_length:
+        return None
+    return (
+        f"{field}={count} soft tokens do not fit: the sequence holds at most "
+        f"{site.max_length} positions (its position table), soft tokens included, so "
+        f"{field} must be <= {site.max_length - 1} to leave room for the input"
+    )
+
+
+def _fits(cfg: PromptTuningConfig, site: Site) -> str | None:
+    return tokens_refusal("num_tokens", cfg.num_tokens, site)
+
+
 METHOD = Method(
     id="prompt_tuning",
     family="additive",
@@ -78,4 +94,5 @@ METHOD = Method(
     paper="Lester et al., The Power of Scale for Parameter-Efficient Prompt Tuning, 2021, "
     "arXiv:2104.08691; Jia et al., Visual Prompt Tuning, 2022, arXiv:2203.12119",
     summary="soft tokens in the input sequence (VPT-shallow on vision towers)",
+    size_check=_fits,
 )

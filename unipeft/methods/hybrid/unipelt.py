@@ -16,7 +16,7 @@ from ...contract.deltas import Gate, HybridDelta, ProjectionShape, ScalarGate
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, SequenceSite, Site
 from ..additive.bottleneck_adapter import BottleneckAdapterDelta
-from ..additive.prompt_tuning import PromptTuningConfig, build_prompt
+from ..additive.prompt_tuning import PromptTuningConfig, build_prompt, tokens_refusal
 
 
 class UniPELTConfig(DeltaConfig):
@@ -77,6 +77,10 @@ def _accepts(cfg: UniPELTConfig, site: Site) -> str | None:
     return None
 
 
+def _fits(cfg: UniPELTConfig, site: Site) -> str | None:
+    return tokens_refusal("prompt_tokens", cfg.prompt_tokens, site)
+
+
 METHOD = Method(
     id="unipelt",
     family="hybrid",
@@ -93,4 +97,5 @@ METHOD = Method(
     "Tuning, 2022, arXiv:2110.07577",
     summary="gated LoRA + adapter + soft prompt",
     accepts=_accepts,
+    size_check=_fits,
 )
