@@ -397,7 +397,7 @@ def test_lora_fields_unipeft_cannot_honour(config: dict, field: str, fresh, tmp_
         ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),
         ({"use_qalora": True}, "use_qalora"),
-        ({"r": "two"}, "r='two'"),
+        ({"r": "two"}, "field r = 'two'"),
     ],
 )
 def test_lora_config_edits_refused(changes: dict, fragment: str, lora_dir, fresh) -> None:

@@ -1,5 +1,6 @@
 """DeltaModel.save() killed at any instant leaves a folder that loads the old adapters or the
-new ones, never neither; the next save removes what a killed save left behind.
+new ones, never neither; the next save removes what a killed save left behind. The same holds
+for the PEFT exporter (``unipeft.interop.peft.save``), which writes through the same code.
 
 The save runs in a forked child that is killed: at each file operation of the save in turn
 (the child exits on the spot with ``os._exit``, as a kill would: no clean-up runs), and at
@@ -19,6 +20,7 @@ import torch
 
 import unipeft
 from unipeft.features import saving
+from unipeft.features.interop import peft as interop
 from unipeft.testing.backbones import BACKBONES
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -172,4 +174,144 @@ def test_kills_at_random_instants(tmp_path: Path, seed: int) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         outcomes.append(_which(folder, old, new))
+    assert set(outcomes) <= {"old", "new"}
+
+
+# ----------------------------------------------------------------------------- the PEFT exporter
+
+PEFT_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _peft_which(directory: Path, old: dict, new: dict) -> str:
+    loaded = _tensors(interop.load(BACKBONES["bert"].make(), directory))
+    for label, expected in (("old", old), ("new", new)):
+        if loaded.keys() == expected.keys() and all(
+            torch.equal(loaded[k], v) for k, v in expected.items()
+        ):
+            return label
+    raise AssertionError("the folder holds neither the old adapter nor the new one")
+
+
+def _peft_pair(tmp_path: Path) -> tuple[unipeft.DeltaModel, unipeft.DeltaModel, dict, dict]:
+    """Two models and the tensors each one's export loads as."""
+    old_model, new_model = _model(0), _model(1)
+    expected = []
+    for label, model in (("old", old_model), ("new", new_model)):
+        interop.save(model, tmp_path / f"ref-{label}")
+        expected.append(_tensors(interop.load(BACKBONES["bert"].make(), tmp_path / f"ref-{label}")))
+    return old_model, new_model, expected[0], expected[1]
+
+
+def _operations_of_an_export(folder: Path, model: unipeft.DeltaModel) -> int:
+    count = [0]
+    originals = {name: getattr(saving, name) for name in OPERATIONS}
+    replace = os.replace
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            return fn(*a, **k)
+
+        return call
+
+    try:
+        for name, fn in originals.items():
+            setattr(saving, name, counted(fn))
+        os.replace = counted(replace)
+        interop.save(model, folder)
+    finally:
+        for name, fn in originals.items():
+            setattr(saving, name, fn)
+        os.replace = replace
+    return count[0]
+
+
+def test_a_peft_export_killed_at_every_file_operation(tmp_path: Path) -> None:
+    old_model, new_model, old, new = _peft_pair(tmp_path)
+    interop.save(old_model, tmp_path / "count")
+    steps = _operations_of_an_export(tmp_path / "count", new_model)
+    assert steps >= 8  # settle, write, checksum, four fsyncs, two renames and their fsyncs
+    seen = []
+    for k in range(1, steps + 2):  # k = steps + 1: the export runs to its end
+        folder = tmp_path / f"kill-{k}"
+        interop.save(old_model, folder)
+        (folder / "README.md").write_text("the user's own file")
+
+        def export_and_die(k: int = k, folder: Path = folder) -> None:
+            count = [0]
+
+            def dying(fn):  # type: ignore[no-untyped-def]
+                def call(*a, **kw):  # type: ignore[no-untyped-def]
+                    count[0] += 1
+                    if count[0] == k:
+                        os._exit(9)  # no finally, no atexit, no temporary-folder clean-up
+                    return fn(*a, **kw)
+
+                return call
+
+            for name in OPERATIONS:
+                setattr(saving, name, dying(getattr(saving, name)))
+            os.replace = dying(os.replace)
+            interop.save(new_model, folder)
+
+        status = _child(export_and_die)
+        killed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 9
+        assert killed == (k <= steps), (k, status)
+        seen.append(_peft_which(folder, old, new))
+        # the next export completes and leaves no temporary folder behind
+        interop.save(new_model, folder)
+        assert _peft_which(folder, old, new) == "new"
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*PEFT_FILES, "README.md"])
+        assert (folder / "README.md").read_text() == "the user's own file"
+    assert seen[0] == "old" and seen[-1] == "new"
+    assert "old" in seen and "new" in seen
+
+
+def test_a_peft_export_killed_between_the_renames_loads_the_new_adapter(tmp_path: Path) -> None:
+    old_model, new_model, old, new = _peft_pair(tmp_path)
+    folder = tmp_path / "peft"
+    interop.save(old_model, folder)
+
+    def die_after_first_rename() -> None:
+        replace = os.replace
+
+        def once(src, dst):  # type: ignore[no-untyped-def]
+            replace(src, dst)
+            os._exit(9)
+
+        os.replace = once
+        interop.save(new_model, folder)
+
+    _child(die_after_first_rename)
+    assert len(list(folder.glob(".unipeft-peft-*"))) == 1  # the new config waits there
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert _peft_which(folder, old, new) == "new"
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files  # read only
+    interop.save(old_model, folder)  # the next export settles, then writes
+    assert _peft_which(folder, old, new) == "old"
+    assert sorted(p.name for p in folder.iterdir()) == PEFT_FILES
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_peft_exports_killed_at_random_instants(tmp_path: Path, seed: int) -> None:
+    old_model, new_model, old, new = _peft_pair(tmp_path)
+    rng = random.Random(100 + seed)
+    outcomes = []
+    for i in range(8):
+        folder = tmp_path / f"run-{i}"
+        interop.save(old_model, folder)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    interop.save(new_model, folder)
+                    interop.save(old_model, folder)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        outcomes.append(_peft_which(folder, old, new))
+        interop.save(new_model, folder)  # the next export removes what the killed one left
+        assert sorted(p.name for p in folder.iterdir()) == PEFT_FILES
     assert set(outcomes) <= {"old", "new"}

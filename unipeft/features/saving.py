@@ -1,7 +1,11 @@
 """Saving and loading adapters: safetensors for tensors, JSON for everything else.
 
 Loading never executes code from a file. Tensor keys are
-``<adapter>::<site name>::<method id>.<parameter>``.
+``<adapter>::<site name>::<method id>.<parameter>``; the JSON's schema (format versions 1 and
+2) and the check of the tensors against it are in :mod:`unipeft.features._format`.
+
+:func:`write_pair` is the crash-safe write of a weights file and its config, shared with
+the PEFT exporter.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,22 +25,32 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..contract.errors import AdapterError, LoadError
+from ..contract.errors import AdapterError, ConfigError, LoadError, PluginError
 from ..contract.plan import AdapterPlan, adapter_name_refusal
 from ..runtime.targets import all_sites
+from ._format import (
+    FORMAT_VERSION,
+    UNCHECKED,
+    Saved,
+    check_tensors,
+    dtype_name,
+    json_path,
+    parse_saved,
+    read_json,
+    tensor_key,
+)
 
 if TYPE_CHECKING:
     from ..model import DeltaModel
     from ..runtime.registry import Registry
 
+__all__ = ["FORMAT_VERSION", "UNCHECKED", "plan_adapters", "save_adapters", "tensor_key"]
+
 CONFIG_FILE = "unipeft_adapters.json"
 TMP_PREFIX = ".unipeft-tmp-"
 WEIGHTS_FILE = "unipeft_adapters.safetensors"
-FORMAT_VERSION = 1
-
-
-def tensor_key(adapter: str, site_name: str, method_id: str, param: str) -> str:
-    return f"{adapter}::{site_name}::{method_id}.{param}"
+PAIR_FILE = "weights.sha256"
+"""In a temporary folder: the SHA-256 of the weights its config belongs with."""
 
 
 def save_adapters(
@@ -49,20 +63,20 @@ def save_adapters(
     meta: dict[str, Any] = {}
     for name in names:
         adapter = model.get_adapter(name)
-        sites: dict[str, dict[str, list[int]]] = {}
+        sites: dict[str, dict[str, dict[str, Any]]] = {}
         for site in adapter.sites:
             delta = adapter.delta_at(site)
-            shapes = {}
+            described = {}
             for pname, tensor in delta.state_dict().items():
                 key = tensor_key(name, site.name, adapter.method.id, pname)
                 tensors[key] = tensor.detach().to("cpu").contiguous()
-                shapes[pname] = list(tensor.shape)
-            sites[site.name] = shapes
+                described[pname] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+            sites[site.name] = described
         meta[name] = {
             "method": adapter.method.id,
             "method_distribution": adapter.method.distribution,
             "config": adapter.config.model_dump(mode="json"),
-            "targets": adapter.targets,
+            "targets": list(adapter.targets),
             "sites": sites,
         }
     doc = {
@@ -74,40 +88,71 @@ def save_adapters(
         "active": [a for a in model.active_adapters if a in names],
         "adapters": meta,
     }
-    target = Path(directory)
+
+    def config_bytes(checksum: str) -> bytes:
+        return json.dumps({**doc, "weights_sha256": checksum}, indent=2, sort_keys=True).encode()
+
+    write_pair(
+        Path(directory), tensors, {"format": "unipeft"}, config_bytes,
+        weights_name=WEIGHTS_FILE, config_name=CONFIG_FILE, prefix=TMP_PREFIX,
+    )  # fmt: skip
+
+
+def write_pair(
+    target: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    config_bytes: Callable[[str], bytes],
+    *,
+    weights_name: str,
+    config_name: str,
+    prefix: str,
+) -> None:
+    """Write ``weights_name`` (``tensors``) and ``config_name`` (``config_bytes(weights'
+    SHA-256)``) into ``target`` so that a kill at any instant leaves the old pair or the new.
+
+    Both files go into a temporary folder beside the destination with ``PAIR_FILE`` (the
+    weights' SHA-256), are fsynced, then each is renamed into place (each rename is atomic).
+    A kill between the two renames leaves the new weights beside the old config, and the
+    new config in the temporary folder, whose ``PAIR_FILE`` matches the live weights: the
+    readers and the next write find it there (see :func:`matching_config`). Nothing else is
+    ever partial; the next write removes the temporary folders killed writes left.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    _settle(target)
-    # Write both files into a temporary folder beside the destination, fsync, then rename
-    # each into place (each rename is atomic). A kill between the two renames leaves the new
-    # weights beside the old config, and the new config in the temporary folder: the weights'
-    # SHA-256 in each config tells which config belongs to the live weights, so load() and
-    # the next save() find the new pair (see _matching_config). Nothing else is ever partial.
-    with tempfile.TemporaryDirectory(dir=target, prefix=TMP_PREFIX) as tmp:
-        weights = os.path.join(tmp, WEIGHTS_FILE)
-        save_file(tensors, weights, metadata={"format": "unipeft"})
-        doc["weights_sha256"] = _sha256(weights)
-        config = os.path.join(tmp, CONFIG_FILE)
-        with open(config, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=True)
-        for path in (weights, config, tmp):
+    _settle(target, weights_name, config_name, prefix)
+    with tempfile.TemporaryDirectory(dir=target, prefix=prefix) as tmp:
+        weights = os.path.join(tmp, weights_name)
+        save_file(tensors, weights, metadata=metadata)
+        checksum = _sha256(weights)
+        config = os.path.join(tmp, config_name)
+        with open(config, "wb") as fh:
+            fh.write(config_bytes(checksum))
+        with open(os.path.join(tmp, PAIR_FILE), "w", encoding="ascii") as fh:
+            fh.write(checksum)
+        for path in (weights, config, os.path.join(tmp, PAIR_FILE), tmp):
             _fsync(path)
-        os.replace(weights, target / WEIGHTS_FILE)
+        os.replace(weights, target / weights_name)
         _fsync(str(target))
-        os.replace(config, target / CONFIG_FILE)
+        os.replace(config, target / config_name)
         _fsync(str(target))
 
 
-def _settle(target: Path) -> None:
-    """Before a save: finish a save that was killed between its two renames (its config is
-    still in its temporary folder), then remove the temporary folders killed saves left."""
-    weights, config = target / WEIGHTS_FILE, target / CONFIG_FILE
+def _settle(
+    target: Path,
+    weights_name: str = WEIGHTS_FILE,
+    config_name: str = CONFIG_FILE,
+    prefix: str = TMP_PREFIX,
+) -> None:
+    """Before a write: finish a write that was killed between its two renames (its config
+    is still in its temporary folder), then remove the temporary folders killed writes left."""
+    weights, config = target / weights_name, target / config_name
     if weights.is_file() and _config_checksum(config) != (live := _sha256(weights)):
-        waiting = _matching_config(target, live)
+        waiting = matching_config(target, live, config_name, prefix)
         if waiting is not None:
             os.replace(waiting, config)
             _fsync(str(target))
     # what is left in temporary folders pairs with no live file: half-written new saves
-    for stale in target.glob(f"{TMP_PREFIX}*"):
+    for stale in target.glob(f"{prefix}*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -122,12 +167,35 @@ def _config_checksum(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _matching_config(target: Path, checksum: str) -> Path | None:
-    """The config a killed save left in its temporary folder for weights of ``checksum``."""
-    for candidate in sorted(target.glob(f"{TMP_PREFIX}*/{CONFIG_FILE}")):
-        if _config_checksum(candidate) == checksum:
+def _recorded(folder: Path, config_name: str) -> str | None:
+    """The SHA-256 of the weights the config in temporary folder ``folder`` belongs with."""
+    try:
+        return (folder / PAIR_FILE).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return _config_checksum(folder / config_name)  # a folder an older unipeft left
+
+
+def matching_config(
+    target: Path, checksum: str, config_name: str = CONFIG_FILE, prefix: str = TMP_PREFIX
+) -> Path | None:
+    """The config a killed write left in its temporary folder for weights of ``checksum``."""
+    for folder in sorted(target.glob(f"{prefix}*")):
+        candidate = folder / config_name
+        if candidate.is_file() and _recorded(folder, config_name) == checksum:
             return candidate
     return None
+
+
+def live_config(target: Path, weights_name: str, config_name: str, prefix: str) -> Path:
+    """The config that belongs with the live weights of ``target``: the live one, or the one
+    a write killed between its renames left in its temporary folder. Changes nothing."""
+    weights, config = target / weights_name, target / config_name
+    if not weights.is_file():
+        return config
+    live = _sha256(weights)
+    if _config_checksum(config) == live:
+        return config
+    return matching_config(target, live, config_name, prefix) or config
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -148,45 +216,51 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def read_saved(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_saved(
+    directory: str | os.PathLike,
+) -> tuple[Saved, dict[str, torch.Tensor], Path]:
+    """The validated config, the tensors and the config's path of a saved folder (the
+    tensors are checked against the config by :func:`plan_adapters`). Reads only."""
     d = Path(directory)
-    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-    live = _sha256(w_path) if w_path.is_file() else None
-    if live is not None and _config_checksum(cfg_path) != live:
-        # a save killed between its renames: its config, which matches the live weights,
-        # is still in its temporary folder (read it there; load never changes the folder)
-        cfg_path = _matching_config(d, live) or cfg_path
+    w_path = d / WEIGHTS_FILE
+    # after a save killed between its renames, the config that matches the live weights is
+    # still in its temporary folder: read it there (load never changes the folder)
+    cfg_path = live_config(d, WEIGHTS_FILE, CONFIG_FILE, TMP_PREFIX)
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise LoadError(f"{p} does not exist; is {d} a directory written by DeltaModel.save()?")
-    try:
-        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoadError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if (
-        not isinstance(doc, dict)
-        or doc.get("format") != "unipeft"
-        or not isinstance(doc.get("adapters"), dict)
-    ):
-        raise LoadError(f"{cfg_path} is not a unipeft adapter config")
-    if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise LoadError(
-            f"{cfg_path} has format version {doc['format_version']}; this unipeft "
-            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade unipeft"
-        )
-    expected = doc.get("weights_sha256")
-    if expected is not None and live != expected:
+    doc = parse_saved(cfg_path, read_json(cfg_path))
+    _check_names(doc, cfg_path)
+    if doc.weights_sha256 != UNCHECKED and _sha256(w_path) != doc.weights_sha256:
         raise LoadError(
             f"{w_path} does not match {cfg_path} (checksum differs): the two files come from "
-            "different saves or the weights were modified; save the adapters again"
+            "different saves or the weights were modified; save the adapters again (for a "
+            f'file edited by hand on purpose, set "weights_sha256": "{UNCHECKED}" in the config)'
         )
     try:
         tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoadError(
             f"{w_path} is not a readable safetensors file ({exc}); it may be truncated"
         ) from None
-    return doc, tensors
+    return doc, tensors, cfg_path
+
+
+def _check_names(doc: Saved, cfg_path: Path) -> None:
+    """Every adapter name follows the names rule; every active name is an adapter's."""
+    for name in doc.adapters:
+        reason = adapter_name_refusal(name)
+        if reason is not None:
+            raise LoadError(
+                f"{cfg_path} names an adapter that cannot be loaded, at "
+                f"{json_path(('adapters', name))}: {reason}"
+            )
+    for i, name in enumerate(doc.active):
+        if name not in doc.adapters:
+            raise LoadError(
+                f"{cfg_path}: field active[{i}] = {name!r} is refused: it names no adapter of "
+                f"the file (accepted: names among {', '.join(doc.adapters)})"
+            )
 
 
 def plan_adapters(
@@ -195,45 +269,91 @@ def plan_adapters(
     """The adapters saved in ``directory`` as plans for ``backbone`` (every tensor checked
     against the delta it will fill), and the names that were active. Reads only JSON and
     safetensors; changes nothing."""
-    doc, tensors = read_saved(directory)
+    doc, tensors, cfg_path = read_saved(directory)
     smap = registry.pick_map(backbone)
     by_name = {s.name: s for s in all_sites(backbone, smap)}
-
-    for name in doc["adapters"]:
-        reason = adapter_name_refusal(name)
-        if reason is not None:
-            raise LoadError(
-                f"{Path(directory) / CONFIG_FILE} names an adapter that cannot be loaded: {reason}"
-            )
+    resolved = []  # first what the JSON says, against the registry and the backbone
+    for name, meta in doc.adapters.items():
+        where = json_path(("adapters", name))
+        try:
+            spec = registry.method(meta.method)
+        except PluginError as exc:
+            raise PluginError(f"{cfg_path}, field {where}.method: {exc}") from None
+        try:
+            cfg = spec.config.parse(spec.id, meta.config)
+        except ConfigError as exc:
+            raise LoadError(f"{cfg_path}, field {where}.config: {exc}") from None
+        for site_name in meta.sites:
+            if site_name not in by_name:
+                raise LoadError(
+                    f"{cfg_path}, field {where}.sites: adapter {name!r} was saved for a backbone "
+                    f"with a site {site_name!r}, which this {type(backbone).__name__} does not "
+                    f"have: it was saved for a different architecture ({doc.backbone})"
+                )
+        resolved.append((name, meta, spec, cfg))
+    # then the tensors against the JSON, then against the deltas they will fill
+    weights = Path(directory) / WEIGHTS_FILE
+    check_tensors(doc, tensors, weights, cfg_path)
     plans = []
-    for name, meta in doc["adapters"].items():
-        spec = registry.method(meta["method"])
-        cfg = spec.config.parse(spec.id, meta.get("config", {}))
+    for name, meta, spec, cfg in resolved:
         sites = []
         state: dict[str, dict[str, torch.Tensor]] = {}
-        for site_name, _shapes in meta["sites"].items():
-            site = by_name.get(site_name)
-            if site is None:
-                raise LoadError(
-                    f"adapter {name!r} was saved for a backbone with a site {site_name!r}, which "
-                    f"this {type(backbone).__name__} does not have: it was saved for a "
-                    f"different architecture ({doc.get('backbone')})"
-                )
+        for site_name, described in meta.sites.items():
+            site = by_name[site_name]
             with torch.random.fork_rng(devices=[]):  # a probe: leave the RNG as it was
                 delta = spec.build(cfg, site)
-            state[site_name] = {}
-            for pname, tensor in delta.state_dict().items():
-                key = tensor_key(name, site_name, spec.id, pname)
-                if key not in tensors:
-                    raise LoadError(f"{WEIGHTS_FILE} lacks tensor {key!r}; the file is incomplete")
-                if tuple(tensors[key].shape) != tuple(tensor.shape):
-                    raise LoadError(
-                        f"adapter {name!r} at site {site_name!r}: saved {pname} has shape "
-                        f"{tuple(tensors[key].shape)} but this backbone needs "
-                        f"{tuple(tensor.shape)}; it was saved for a backbone of another shape"
-                    )
-                state[site_name][pname] = tensors[key]
+            state[site_name] = _site_state(
+                (cfg_path, weights), name, site_name, spec.id, delta.state_dict(), set(described),
+                tensors,
+            )  # fmt: skip
             sites.append(site)
-        targets = tuple(meta.get("targets") or ())
-        plans.append((name, AdapterPlan(spec, cfg, tuple(sites), targets, state, smap.name)))
-    return plans, list(doc.get("active", []))
+        plans.append(
+            (name, AdapterPlan(spec, cfg, tuple(sites), tuple(meta.targets), state, smap.name))
+        )
+    return plans, list(doc.active)
+
+
+def _site_state(
+    files: tuple[Path, Path],
+    name: str,
+    site_name: str,
+    method_id: str,
+    wanted: dict[str, torch.Tensor],
+    described: set[str],
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The saved tensors of one site, each checked against the delta that will hold it."""
+    cfg_path, weights = files
+    where = json_path(("adapters", name, "sites", site_name))
+    missing, extra = sorted(set(wanted) - described), sorted(described - set(wanted))
+    if missing or extra:
+        what = f"lacks {missing}" if missing else f"has {extra}, which the delta does not have"
+        raise LoadError(
+            f"{cfg_path}, field {where}: {what}; {method_id}'s delta at this site has "
+            f"exactly {sorted(wanted)} (a file of another method version, or edited by hand)"
+        )
+    out = {}
+    for pname, tensor in wanted.items():
+        key = tensor_key(name, site_name, method_id, pname)
+        saved = tensors[key]
+        if tuple(saved.shape) != tuple(tensor.shape):
+            raise LoadError(
+                f"adapter {name!r} at site {site_name!r}: saved {pname} ({key!r}) has shape "
+                f"{tuple(saved.shape)} but this backbone needs {tuple(tensor.shape)}; it was "
+                "saved for a backbone of another shape"
+            )
+        if saved.is_floating_point() != tensor.is_floating_point() or (
+            not tensor.is_floating_point() and saved.dtype != tensor.dtype
+        ):
+            need = (
+                "a floating-point tensor"
+                if tensor.is_floating_point()
+                else dtype_name(tensor.dtype)
+            )
+            raise LoadError(
+                f"{weights}: tensor {key!r} is "
+                f"{dtype_name(saved.dtype)}, but the delta needs {need}; unipeft converts "
+                "between floating-point dtypes only"
+            )
+        out[pname] = saved
+    return out

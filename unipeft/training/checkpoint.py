@@ -16,17 +16,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from ..features._format import dtype_name, need_object, read_json, schema_message
+from .config import TrainerConfig
 from .state import CheckpointError
 
 CHECKPOINT = "checkpoint"
@@ -163,38 +177,181 @@ def recover(output_dir: str | os.PathLike, name: str = CHECKPOINT) -> Path | Non
     return found
 
 
+_Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Rng(BaseModel):
+    """Python's and NumPy's generator states, as :func:`rng_to_parts` writes them."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    python: list[Any] = Field(min_length=3, max_length=3)
+    numpy: list[Any] = Field(min_length=4, max_length=4)
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: list[Any]) -> list[Any]:
+        version, internal, gauss = value
+        words = isinstance(internal, list) and all(
+            type(i) is int and 0 <= i < 1 << 32 for i in internal
+        )
+        if type(version) is not int or not words or not (gauss is None or type(gauss) is float):
+            raise ValueError("need [version, [integers from 0 to 2**32 - 1], a number or null]")
+        return value
+
+    @field_validator("numpy")
+    @classmethod
+    def _numpy(cls, value: list[Any]) -> list[Any]:
+        name, pos, has_gauss, cached = value
+        if (
+            name != "MT19937"
+            or type(pos) is not int
+            or not 0 <= pos <= 624
+            or type(has_gauss) is not int
+            or has_gauss not in (0, 1)
+            or type(cached) not in (int, float)
+        ):
+            raise ValueError('need ["MT19937", position 0 to 624, has_gauss 0 or 1, a number]')
+        return value
+
+
+class _State(BaseModel):
+    """``state.json``: where the run stands."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    format: StrictStr
+    format_version: StrictInt
+    step: _Count
+    epoch: _Count
+    batch_in_epoch: _Count
+    epoch_seed: StrictInt
+    dataset_len: Annotated[StrictInt, Field(ge=1)]
+    trainable_keys: list[StrictStr]
+    rng: _Rng
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    params: list[_Count]
+
+
+class _Optimizer(BaseModel):
+    """``optimizer.json``: the optimizer's type, param groups and non-tensor state."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: StrictStr
+    param_groups: list[_Group] = Field(min_length=1)
+    scalars: dict[
+        Annotated[StrictStr, Field(pattern=r"^\d+$")],
+        dict[StrictStr, StrictInt | StrictFloat | StrictStr | bool | None],
+    ]
+
+
+_ACCEPTED = {
+    "step": "an integer >= 0",
+    "epoch": "an integer >= 0",
+    "batch_in_epoch": "an integer >= 0",
+    "epoch_seed": "an integer",
+    "dataset_len": "an integer >= 1",
+    "trainable_keys": "a list of strings",
+    "format_version": f"an integer up to {FORMAT_VERSION}",
+    "params": "a list of parameter indices",
+}
+_SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
+    "state": (_State, "unipeft checkpoint state"),
+    "config": (TrainerConfig, "TrainerConfig"),
+    "optimizer": (_Optimizer, "unipeft checkpoint optimizer record"),
+}
+_OPTIMIZER_KEY = re.compile(r"state/\d+/.+")
+_RNG_KEYS = {"torch/cpu": torch.uint8, "numpy/keys": torch.int64}
+_RNG_SIZES = {"torch/cpu": torch.get_rng_state().numel(), "numpy/keys": 624}
+
+
+def _read_doc(folder: Path, name: str) -> dict[str, Any]:
+    """``folder/name.json``, checked against its schema."""
+    path = folder / f"{name}.json"
+    doc = read_json(path, CheckpointError)
+    schema, what = _SCHEMAS[name]
+    need_object(path, doc, what, CheckpointError)
+    if name == "state":
+        version = doc.get("format_version")
+        if doc.get("format") != FORMAT or type(version) is not int or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} is not a unipeft checkpoint of format version up to {FORMAT_VERSION} "
+                f"(field format = {doc.get('format')!r}, format_version = {version!r}); "
+                "upgrade unipeft or start a new run in another output_dir"
+            )
+    try:
+        valid = schema.model_validate(doc, strict=True)
+    except ValidationError as exc:
+        raise CheckpointError(schema_message(path, doc, exc, what, _ACCEPTED)) from None
+    return valid.model_dump(mode="json") if name == "config" else doc
+
+
+def _check_tensor_keys(folder: Path, parts: dict[str, Any]) -> None:
+    """The optimizer's and generators' tensors are those their readers take."""
+    path = folder / "optimizer.safetensors"
+    names: dict[str, set[str]] = {}
+    for key in parts["optimizer"]:
+        if not _OPTIMIZER_KEY.fullmatch(key):
+            raise CheckpointError(
+                f"{path} holds tensor {key!r}; its tensors are named state/<index>/<name>"
+            )
+        _, pid, name = key.split("/", 2)
+        names.setdefault(pid, set()).add(name)
+    for pid, entry in parts["optimizer_doc"]["scalars"].items():
+        names.setdefault(pid, set()).update(entry)
+    kinds = sorted({tuple(sorted(n)) for n in names.values()})
+    if len(kinds) > 1:
+        raise CheckpointError(
+            f"{path} is incomplete: its parameters carry different state "
+            f"({' vs '.join(str(list(k)) for k in kinds)}), and every parameter's state has "
+            "the same names. Resume from a complete checkpoint"
+        )
+    path = folder / "rng.safetensors"
+    for key, dtype in _RNG_KEYS.items():
+        tensor = parts["rng"].get(key)
+        want = (_RNG_SIZES[key],)
+        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != want:
+            got = (
+                "nothing" if tensor is None else f"{dtype_name(tensor.dtype)} {tuple(tensor.shape)}"
+            )
+            raise CheckpointError(
+                f"{path}: tensor {key!r} must be a {dtype_name(dtype)} tensor of shape {want}; "
+                f"it is {got}"
+            )
+    for key in parts["rng"]:
+        if key not in _RNG_KEYS and not re.fullmatch(r"torch/cuda/\d+", key):
+            raise CheckpointError(
+                f"{path} holds tensor {key!r}; accepted: torch/cpu, torch/cuda/<i>, numpy/keys"
+            )
+
+
 def read_checkpoint(output_dir: str | os.PathLike) -> Checkpoint | None:
     """Load the last complete checkpoint of ``output_dir`` (None if it has none).
 
-    Only safetensors and JSON are read: nothing from the files is ever executed.
+    Only safetensors and JSON are read: nothing from the files is ever executed. Every JSON
+    file is checked against its schema (strict types, no unknown field), every tensor file
+    for the names its reader takes; a :class:`CheckpointError` names the file and field.
     """
     folder = find_checkpoint(output_dir)
     if folder is None:
         return None
     parts: dict[str, Any] = {}
+    # state.json first: it carries the format version the rest is read by
+    for name in ("state", "config", "optimizer"):
+        parts[f"{name}_doc"] = _read_doc(folder, name)
     for name in _TENSOR_FILES:
         path = folder / f"{name}.safetensors"
         try:
             parts[name] = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path} is missing or unreadable ({exc})") from None
-    for name in _JSON_FILES:
-        path = folder / f"{name}.json"
-        try:
-            parts[f"{name}_doc"] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is missing or not valid JSON ({exc})") from None
-    state = parts["state_doc"]
-    if state.get("format") != FORMAT or state.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder / 'state.json'} is not a unipeft checkpoint of format version up to "
-            f"{FORMAT_VERSION}; upgrade unipeft or start a new run in another output_dir"
-        )
+    _check_tensor_keys(folder, parts)
     return Checkpoint(
         trainable=parts["trainable"],
         optimizer=parts["optimizer"],
         rng=parts["rng"],
         optimizer_doc=parts["optimizer_doc"],
         config=parts["config_doc"],
-        state=state,
+        state=parts["state_doc"],
     )

@@ -65,6 +65,19 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], where: str)
             f"{tuple(state[k].shape)} there, {tuple(current[k].shape)} here (a different method "
             "config?). Resume with the model it was written for, or use another output_dir"
         )
+    kind = [
+        k
+        for k in state
+        if state[k].is_floating_point() != current[k].is_floating_point()
+        or (not current[k].is_floating_point() and state[k].dtype != current[k].dtype)
+    ]
+    if kind:
+        k = kind[0]
+        raise CheckpointError(
+            f"the checkpoint in {where} does not fit this model: {k} is {state[k].dtype} "
+            f"there, {current[k].dtype} here; a checkpoint converts no integer tensor into a "
+            "floating-point one (or back). Resume with the model it was written for"
+        )
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 
@@ -111,7 +124,38 @@ def optimizer_from_parts(
         {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
         for g in doc["param_groups"]
     ]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise CheckpointError(
+            f"the checkpoint's optimizer.json has param groups of {sizes} parameters, the "
+            f"trainer's optimizer {[len(g['params']) for g in opt.param_groups]}; resume with "
+            "the same model and group_lr"
+        )
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, entry in state.items():
+        if not 0 <= pid < len(params):
+            raise CheckpointError(
+                f"the checkpoint's optimizer state names parameter {pid}, and the trainer's "
+                f"optimizer has {len(params)}; resume with the same model and group_lr"
+            )
+        for name, value in entry.items():
+            if not isinstance(value, Tensor):
+                continue
+            fits = value.dim() == 0 or tuple(value.shape) == tuple(params[pid].shape)
+            if not fits or not value.is_floating_point():
+                raise CheckpointError(
+                    f"the checkpoint's optimizer tensor state/{pid}/{name} is "
+                    f"{value.dtype} {tuple(value.shape)}; parameter {pid} is "
+                    f"{tuple(params[pid].shape)}: a floating-point tensor of that shape (or "
+                    "a 0-d scalar) is accepted"
+                )
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit the trainer's optimizer ({exc}); "
+            "resume with the same model and optimizer settings, or use another output_dir"
+        ) from None
 
 
 def rng_to_parts() -> tuple[dict[str, Tensor], dict[str, Any]]:

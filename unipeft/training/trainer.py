@@ -248,8 +248,10 @@ class Trainer:
                     np.random.seed(cfg.seed % (1 << 32))
             else:
                 assert out is not None
-                load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
+                # the optimizer first: it is the trainer's own, so a checkpoint refused
+                # there leaves the user's model as it was (the weights check all, then load)
                 optimizer_from_parts(optimizer, ckpt.optimizer, ckpt.optimizer_doc)
+                load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
                 rng_from_parts(ckpt.rng, ckpt.state["rng"])
                 start = ckpt.step
             if out is not None:

@@ -14,6 +14,7 @@ from ...runtime.targets import all_sites
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+TMP_PREFIX = ".unipeft-peft-"  # the exporter's temporary folders, beside the files
 PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
 _SUPPORTED_TEXT = "LORA, IA3 (with the unipeft-ia3 plugin) and PROMPT_TUNING"

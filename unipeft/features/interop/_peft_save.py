@@ -1,27 +1,26 @@
 """Writing a unipeft adapter as a Hugging Face PEFT directory, for
 :func:`unipeft.features.interop.peft.save`: one exporter per method (config, tensors, notes) and the
-atomic write of the directory."""
+crash-safe write of the directory."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ...contract.errors import AdapterError
 from ...contract.sites import ModuleSite, SequenceSite
 from ...model import Adapter, DeltaModel
+from .. import saving
 from ._peft_common import (
     _DECODER_SUFFIXES,
     CONFIG_FILE,
     PREFIX,
+    TMP_PREFIX,
     WEIGHTS_FILE,
     _encoder_note,
     _ia3_shape,
@@ -200,12 +199,12 @@ _EXPORTERS: dict[str, Callable[[DeltaModel, Adapter, str | None], _Export]] = {
 
 
 def _write(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Write next to the destination, then rename: a crash leaves older files intact."""
-    cpu = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".unipeft-peft-") as tmp:
-        save_file(cpu, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-        os.replace(os.path.join(tmp, WEIGHTS_FILE), directory / WEIGHTS_FILE)
-        os.replace(os.path.join(tmp, CONFIG_FILE), directory / CONFIG_FILE)
+    """Write the two files crash-safely, as unipeft's own saves are written
+    (:func:`unipeft.features.saving.write_pair`): a kill at any instant leaves the old pair
+    or the new one, and the next export removes what a killed one left behind."""
+    cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    text = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
+    saving.write_pair(
+        directory, cpu, {"format": "pt"}, lambda _checksum: text,
+        weights_name=WEIGHTS_FILE, config_name=CONFIG_FILE, prefix=TMP_PREFIX,
+    )  # fmt: skip

@@ -16,13 +16,14 @@ A PEFT directory holds ``adapter_config.json`` (``peft_type`` and the method's f
 The tensor keys, not ``target_modules``, decide where an adapter goes: they are what PEFT
 filled, so ``target_modules``, ``layers_to_transform`` and ``exclude_modules`` are honoured
 exactly. Only JSON and safetensors are read; a pickled ``adapter_model.bin`` is refused.
+``adapter_config.json`` is checked against a schema of the fields unipeft uses (types,
+ranges) and every tensor must be floating-point, with the shape its module needs.
 Loading checks everything before it touches the backbone, so on any error the backbone is
 exactly as it was.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -31,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ...contract.errors import AdapterError, ConfigError, LoadError
@@ -45,7 +44,6 @@ from ._peft_common import (
     _FIELD_MAP,
     _SUPPORTED_TEXT,
     CONFIG_FILE,
-    PICKLE_FILE,
     PREFIX,
     SUPPORTED_PEFT_TYPES,
     WEIGHTS_FILE,
@@ -53,6 +51,7 @@ from ._peft_common import (
     _ia3_shape,
     _sequence_site,
 )
+from ._peft_read import read as _read
 from ._peft_save import _EXPORTERS, _write
 
 __all__ = ["CONFIG_FILE", "SUPPORTED_PEFT_TYPES", "WEIGHTS_FILE", "load", "save"]
@@ -108,47 +107,6 @@ def load(backbone: nn.Module, path: PathLike, *, adapter_name: str = "default") 
     for note in plan.notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     return model
-
-
-def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The config and tensors of a PEFT directory; never unpickles anything."""
-    if not directory.is_dir():
-        raise LoadError(
-            f"{directory} is not a directory; pass the folder that PeftModel.save_pretrained() "
-            "wrote (it holds adapter_config.json and adapter_model.safetensors)"
-        )
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file():
-        nested = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_FILE}"))
-        hint = (
-            f"; PEFT writes adapters other than 'default' into subfolders named after them, "
-            f"and {directory} has: {', '.join(nested)}: pass one of those"
-            if nested
-            else "; is it a directory written by PeftModel.save_pretrained()?"
-        )
-        raise LoadError(f"{config_path} does not exist{hint}")
-    if not weights_path.is_file():
-        if (directory / PICKLE_FILE).is_file():
-            raise LoadError(
-                f"{directory} holds only {PICKLE_FILE}, a pickle, and unipeft never unpickles "
-                "files (loading one can run code). Re-save the adapter with "
-                "PeftModel.save_pretrained(path, safe_serialization=True), the default"
-            )
-        raise LoadError(f"{weights_path} does not exist; the adapter directory is incomplete")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoadError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
-        raise LoadError(f"{config_path} is not a PEFT adapter config: it has no 'peft_type' string")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoadError(
-            f"{weights_path} is not a readable safetensors file ({exc}); it is truncated or "
-            "corrupt: copy or save the adapter again"
-        ) from None
-    return config, tensors
 
 
 def _plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> _Plan:
