@@ -4,4 +4,4 @@ script on ``PATH``."""
 from .cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

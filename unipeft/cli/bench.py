@@ -22,10 +22,17 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
 
 
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` other than cpu, cuda or cuda:N (before anything is written)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise fail(f"--device {device!r}: use cpu, cuda or cuda:N")
+
+
 def _device(device: str) -> str:
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         _console.print("[yellow]CUDA is not available here: measuring on the CPU instead[/]")
         return "cpu"
     return device
@@ -50,9 +57,10 @@ def latency_cmd(
     from ..bench.survey import latency
     from ._backbones import load_backbone
 
-    with cli_errors():
-        out = check_writable(output)
+    with cli_errors():  # every check before check_writable creates the folder
+        _check_device(device)
         load_backbone(model)  # fail early on a bad spec
+        out = check_writable(output)
     dev = _device(device)
     rows = latency(
         lambda: load_backbone(model).model, batch=batch, length=length, repeats=repeats, device=dev
@@ -95,8 +103,9 @@ def memory_cmd(
     from ._backbones import load_backbone
 
     with cli_errors():
-        out = check_writable(output)
+        _check_device(device)
         load_backbone(model)
+        out = check_writable(output)
     dev = _device(device)
     rows = memory(model, batch=batch, length=length, device=dev)
     for r in rows:
@@ -132,13 +141,14 @@ def rank_sweep_cmd(
     from ..bench.rank_sweep import rank_sweep
 
     with cli_errors():
-        out = check_writable(output)
+        _check_device(device)
         try:
             values = [int(r) for r in ranks.split(",") if r.strip()]
         except ValueError:
             raise fail(f"--ranks {ranks!r} must be comma-separated integers like 1,4,16") from None
         if not values or min(values) < 1:
-            raise fail("--ranks needs at least one rank, each at least 1")
+            raise fail(f"--ranks {ranks!r} needs at least one rank, each at least 1")
+        out = check_writable(output)
     rows = rank_sweep(
         values,
         seed=seed,

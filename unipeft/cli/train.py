@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-EXIT_USAGE = 2  # the exit code of every error the unipeft CLI reports (unipeft.cli.EXIT_USAGE)
 EXAMPLE = """\
 model: tiny:bert            # tiny:gpt2, tiny:llama, or minilm (all-MiniLM-L6-v2)
 data: {path: train.csv, text_column: text, label_column: label}
@@ -34,15 +33,11 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--progress/--no-progress", help="show a progress bar on a TTY")
         ] = True,
     ) -> None:
-        from ..contract.errors import UnipeftError
         from ..training.run import run
+        from ._common import cli_errors
 
-        err = Console(stderr=True)
-        try:
+        with cli_errors():  # bad input: one line, exit 2; the run leaves no output_dir behind
             result = run(config, resume=resume, progress=progress)
-        except UnipeftError as exc:
-            err.print(Text("error: ", style="bold red") + Text(str(exc)), soft_wrap=True)
-            raise typer.Exit(code=EXIT_USAGE) from None
         out = Console()
         tr = result.train
         share = 100 * result.trainable / result.backbone_parameters

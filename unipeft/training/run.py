@@ -1,12 +1,14 @@
 """``unipeft train``'s engine: build the task from a :class:`RunConfig`, then train it.
 
 Everything is validated and built before anything is written: on an error the output folder
-is left as it was.
+is left as it was, and one that did not exist before the run does not exist after a failure
+that leaves no checkpoint in it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +17,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..contract.errors import UnipeftError
-from .checkpoint import check_writable, publish
+from .checkpoint import check_writable, find_checkpoint, publish
+from .data import Example, check_labels, read_examples
 from .spec import RunConfig, RunConfigError, load_run_config
 from .state import CheckpointError
-from .task import TextClassifier, build_backbone, classification_loss, make_dataset
+from .task import Encode, TextClassifier, build_backbone, classification_loss, label_ids
 from .trainer import EvalFn, Trainer, TrainResult
 
 CLASSIFIER = "classifier"
@@ -43,12 +46,23 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[str
     try:
         check_writable(cfg.output_dir)
     except CheckpointError as exc:
-        raise RunConfigError(str(exc)) from None
-    backbone, encode, hidden = build_backbone(cfg.model, cfg.data.max_length)
-    train_set, labels = make_dataset(cfg.data, cfg.data.path, encode)
-    eval_set = None
-    if cfg.data.eval_path is not None:
-        eval_set, _ = make_dataset(cfg.data, cfg.data.eval_path, encode, labels)
+        raise RunConfigError(f"{exc} (fix output_dir in the YAML)") from None
+    spec = cfg.data
+    rows = read_examples(spec.path, spec.text_column, spec.label_column)
+    labels = label_ids([label for _, label, _ in rows])
+    if len(labels) < 2:
+        raise RunConfigError(
+            f"data file {spec.path} has the single label {labels[0]!r}; classification needs "
+            "at least two"
+        )
+    eval_rows = None
+    if spec.eval_path is not None:
+        eval_rows = read_examples(spec.eval_path, spec.text_column, spec.label_column,
+                                  "data.eval_path")  # fmt: skip
+        check_labels(spec.eval_path, eval_rows, labels)
+    backbone, encode, hidden = build_backbone(cfg.model, spec.max_length)
+    train_set = _examples(rows, labels, encode)
+    eval_set = _examples(eval_rows, labels, encode) if eval_rows is not None else None
     config, targets = dict(cfg.config), cfg.targets
     try:
         if cfg.budget is not None:
@@ -84,10 +98,18 @@ def run(cfg: RunConfig | str | Path, *, resume: bool = False, progress: bool = T
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
-    trainer, labels, used = prepare(cfg, progress=progress)
-    model = trainer.model
-    assert isinstance(model, TextClassifier)
-    result = trainer.train(resume=resume)
+    created = _first_missing(cfg.output_dir)
+    try:
+        trainer, labels, used = prepare(cfg, progress=progress)
+        model = trainer.model
+        assert isinstance(model, TextClassifier)
+        if resume:
+            _check_checkpoint_documents(cfg.output_dir)
+        result = trainer.train(resume=resume)
+    except BaseException:
+        if created is not None and created.is_dir() and find_checkpoint(cfg.output_dir) is None:
+            shutil.rmtree(created, ignore_errors=True)  # made by this run, holds nothing to keep
+        raise
 
     def fill(tmp: Path) -> None:
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
@@ -103,6 +125,49 @@ def run(cfg: RunConfig | str | Path, *, resume: bool = False, progress: bool = T
         method_config=dict(used.config),
         classifier_dir=where,
     )
+
+
+def _check_checkpoint_documents(output_dir: Path) -> None:
+    """Refuse a checkpoint whose JSON files hold something other than an object (a file
+    edited or damaged by hand), naming the file; the trainer checks the rest."""
+    folder = find_checkpoint(output_dir)
+    for path in sorted(folder.glob("*.json")) if folder is not None else ():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the trainer reports an unreadable file, naming it
+        if not isinstance(doc, dict):
+            raise CheckpointError(
+                f"{path} is damaged: it holds a JSON {type(doc).__name__}, not an object. "
+                "Start a new run in another output_dir"
+            )
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _examples(
+    rows: list[Example], labels: list[str], encode: Encode
+) -> list[dict[str, torch.Tensor]]:
+    """The rows as dicts of tensors: ``input_ids``, ``attention_mask``, ``label`` (an index
+    into ``labels``)."""
+    enc = encode([text for text, _, _ in rows])
+    index = {name: i for i, name in enumerate(labels)}
+    return [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "label": torch.tensor(index[label]),
+        }
+        for i, (_, label, _) in enumerate(rows)
+    ]
 
 
 def _accuracy(examples: list[dict[str, torch.Tensor]], batch_size: int) -> EvalFn:

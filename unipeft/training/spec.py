@@ -104,9 +104,9 @@ def describe(
     exc: ValidationError, model: type[BaseModel], root: yaml.Node | None, source: str,
     prefix: tuple[Any, ...] = (),
 ) -> str:  # fmt: skip
-    """One line per pydantic error: ``file:line: key: problem``, unknown keys with the
-    closest known ones."""
-    lines = []
+    """Every pydantic error in one line, ``file:line: key: problem`` joined by ``; ``; unknown
+    keys come with the closest known ones and the list of known keys."""
+    parts = []
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "<top level>"
@@ -115,14 +115,14 @@ def describe(
             known = _fields_at(model, tuple(err["loc"])[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=2)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            lines.append(f"{where}: unknown key {key!r}.{hint} Known keys: {', '.join(known)}")
+            parts.append(f"{where}: unknown key {key!r}.{hint} Known keys: {', '.join(known)}")
         elif err["type"] == "missing":
-            lines.append(f"{where}: missing required key {key!r}")
+            parts.append(f"{where}: missing required key {key!r}")
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            lines.append(f"{where}: {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
+            parts.append(f"{where}: {key}: {err['msg']}{shown}")
+    return "; ".join(" ".join(p.split()) for p in parts)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -140,6 +140,11 @@ def _check_duplicates(node: yaml.Node | None, source: str) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                raise RunConfigError(
+                    f"{source}:{key.start_mark.line + 1}: a key must be a plain name, not a "
+                    f"{'list' if isinstance(key, yaml.SequenceNode) else 'mapping'}"
+                )
             if key.value in seen:
                 raise RunConfigError(
                     f"{source}:{key.start_mark.line + 1}: key {key.value!r} appears twice in "
@@ -152,29 +157,60 @@ def _check_duplicates(node: yaml.Node | None, source: str) -> None:
             _check_duplicates(item, source)
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of the file ``path``; :class:`RunConfigError` naming ``what`` (the
+    file's role) when it is missing, a folder, unreadable, or not UTF-8 (with its line)."""
+    if path.is_dir():
+        raise RunConfigError(f"{what} {path} is a folder; give a file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RunConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise RunConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RunConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); save {what} as UTF-8"
+        ) from None
+
+
+def _yaml_error(source: Path, exc: yaml.YAMLError) -> RunConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(source)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    detail = f"{problem} ({context})" if context else problem
+    return RunConfigError(f"{where}: not valid YAML: {' '.join(str(detail).split())}")
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Read and validate a run configuration; relative paths are resolved against the YAML's
-    folder. Raises :class:`RunConfigError` naming each bad key and its line."""
+    folder. Raises :class:`RunConfigError`, one line naming the file, the line and each bad
+    key, and what would be accepted."""
     from ..contract.errors import PluginError
     from ..runtime.registry import registry
 
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RunConfigError(f"cannot read the run configuration {source}: {exc}") from None
+    text = read_text(source, "the run configuration")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RunConfigError(f"{source}{line}: not valid YAML: {exc}") from None
+        raise _yaml_error(source, exc) from None
+    except ValueError as exc:  # e.g. a date PyYAML reads but cannot build
+        raise RunConfigError(f"{source}: not valid YAML: {exc}") from None
     _check_duplicates(root, str(source))
+    keys = ", ".join(RunConfig.model_fields)
+    if doc is None:
+        raise RunConfigError(f"{source}:1: the run configuration is empty; give the keys {keys}")
     if not isinstance(doc, dict):
         raise RunConfigError(
-            f"{source}:1: the run configuration must be a mapping with keys "
-            f"{', '.join(RunConfig.model_fields)}"
+            f"{source}:1: the run configuration must be a mapping with the keys {keys}, "
+            f"not a {type(doc).__name__}"
         )
     try:
         cfg = RunConfig.model_validate(doc)
@@ -188,7 +224,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         spec.config.model_validate(cfg.config)
     except ValidationError as exc:
         msg = describe(exc, spec.config, root, str(source), ("config",))
-        raise RunConfigError(f"invalid config for method {spec.id!r}:\n{msg}") from None
+        raise RunConfigError(f"{msg} (the config of method {spec.id!r})") from None
     base = source.resolve().parent
     data = cfg.data.model_copy(
         update={
