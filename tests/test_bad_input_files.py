@@ -1072,6 +1072,26 @@ CHECKPOINT: list[Any] = [
         CheckpointError,
         ["rng.safetensors", "'torch/cpu'", "(3,)"],
     ),
+    # caught only while the optimizer state is loaded, after the checkpoint was read: the
+    # model's weights must not have been replaced yet
+    (
+        "optimizer-moment-wrong-shape",
+        tensors("optimizer.safetensors", put("state/0/exp_avg", torch.zeros(3, 3)), False),
+        CheckpointError,
+        ["state/0/exp_avg", "(3, 3)"],
+    ),
+    (
+        "optimizer-moment-integer",
+        tensors("optimizer.safetensors", cast("state/0/exp_avg", torch.int64), False),
+        CheckpointError,
+        ["state/0/exp_avg", "torch.int64"],
+    ),
+    (
+        "optimizer-other-type",
+        edit("optimizer.json", sets("type", value="SGD")),
+        CheckpointError,
+        ["SGD", "same optimizer"],
+    ),
     (
         "state-rng-python-negative",
         edit("state.json", lambda d: d["rng"]["python"][1].__setitem__(0, -1)),
