@@ -366,6 +366,11 @@ CASES = [
     _case("apply-to-a-deltamodel", _lora, lambda m, f: A(m, "bitfit"), AdapterError, "already a unipeft DeltaModel", "add_adapter"),
     _case("deltamodel-of-a-str", _bert, lambda m, f: unipeft.DeltaModel("bert"), TypeError, "backbone", "nn.Module"),
     _case("inspect-sites-int", _bert, lambda m, f: unipeft.inspect_sites(5), TypeError, "backbone", "nn.Module"),
+    _case("plan-budget-backbone-int", _bert, lambda m, f: unipeft.plan_budget(5, "lora", "1%"), TypeError, "backbone", "nn.Module"),
+    _case("plan-budget-method-int", _bert, lambda m, f: unipeft.plan_budget(m, 5, "1%"), TypeError, "method", "int 5"),
+    _case("plan-budget-targets-int", _bert, lambda m, f: unipeft.plan_budget(m, "lora", "1%", targets=5), TargetError, "targets", "int 5"),
+    _case("plan-budget-not-a-number", _bert, lambda m, f: unipeft.plan_budget(m, "lora", "lots"), ConfigError, "'lots'", "'0.5%'"),
+    _case("plan-budget-above-all", _bert, lambda m, f: unipeft.plan_budget(m, "lora", "150%"), ConfigError, "'150%'", "at most 100%"),
     _case("get-method-int", _bert, lambda m, f: unipeft.get_method(5), TypeError, "method id", "'lora'"),
     _case("get-method-unknown", _bert, lambda m, f: unipeft.get_method("nope"), PluginError, "'nope'", "Registered methods"),
     # ---------------------------------------------------------------- targets
