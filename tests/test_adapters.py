@@ -169,3 +169,34 @@ def test_lora_mixed_path_uses_stacked_factors_and_refreshes_them() -> None:
     assert not torch.allclose(first[0], changed[0])
     torch.testing.assert_close(changed[0], single[0])
     torch.testing.assert_close(changed[1], first[1])
+
+
+@pytest.mark.parametrize("method", ["bottleneck_adapter", "prompt_tuning"])
+def test_active_adapters_compose_in_the_order_given_and_a_save_keeps_it(
+    method: str, tmp_path
+) -> None:
+    """Serial deltas (and soft prompts) depend on order: ``set_active`` decides it, not the
+    order of attachment, and a loaded model composes them the same way."""
+    from unipeft.testing.invariants import outputs
+
+    bb = BACKBONES["bert"]
+    model = unipeft.apply(bb.make(), method)
+    model.add_adapter("a", method)
+    perturb(model)
+    model.set_active(["a", "default"])
+    first = outputs(model, bb)
+    model.set_active(["default", "a"])
+    second = outputs(model, bb)
+    assert (first - second).abs().max() > 1e-4  # the order matters for this method
+    model.set_active(["a"])
+    only_a = outputs(model, bb)
+    model.set_active(["a", "default"])
+    assert torch.equal(outputs(model, bb), first)
+    model.save(tmp_path)
+    loaded = unipeft.load(bb.make(), tmp_path)
+    assert loaded.active_adapters == ("a", "default")
+    assert torch.equal(outputs(loaded, bb), first)
+    loaded.set_active(["default", "a"])
+    assert torch.equal(outputs(loaded, bb), second)
+    loaded.set_active("a")
+    assert torch.equal(outputs(loaded, bb), only_a)

@@ -109,7 +109,7 @@ class ModuleHost:
         return not self.attachments
 
     def running(self) -> list[Attachment]:
-        return [a for a in self.attachments if not a.merged and self.state.runs(a.adapter)]
+        return [a for a in self.state.running(self.attachments) if not a.merged]
 
     # --------------------------------------------------------------- forward
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -68,11 +68,7 @@ class SequenceHost:
                     "models have one). Run these adapters in separate batches."
                 )
             return None
-        chunks = [
-            a.delta.tokens(batch).to(ref.dtype)
-            for a in self.attachments
-            if self.state.runs(a.adapter)
-        ]
+        chunks = [a.delta.tokens(batch).to(ref.dtype) for a in self.state.running(self.attachments)]
         return torch.cat(chunks, dim=1) if chunks else None
 
     def mixed_prompts(self, ref: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -3,6 +3,7 @@ record of one delta attached at one site."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,16 @@ class AdapterState:
         if self.routing is not None:
             return adapter in self.routing.groups
         return adapter in self.active
+
+    def running(self, attachments: Sequence[Attachment]) -> list[Attachment]:
+        """The ``attachments`` that run now, in the order of the active adapters (the order
+        ``set_active`` was given: serial deltas compose in it). In a mixed batch each
+        sample has one adapter, so attachment order is kept."""
+        running = [a for a in attachments if self.runs(a.adapter)]
+        if len(self.active) > 1 and self.routing is None and len(running) > 1:
+            rank = {name: i for i, name in enumerate(self.active)}
+            running.sort(key=lambda a: rank[a.adapter])  # stable: a site's own order stays
+        return running
 
 
 @dataclass(eq=False)
