@@ -538,6 +538,7 @@ CASES = [
     _case("unloaded-mixed", _unloaded, lambda m, f: _enter(m.mixed_batch(["default"])), AdapterError, "unloaded"),
     _case("unloaded-disable", _unloaded, lambda m, f: _enter(m.disable()), AdapterError, "unloaded"),
     _case("unloaded-plan", _unloaded, lambda m, f: m.plan("lora"), AdapterError, "unloaded"),
+    _case("unloaded-backbone-attribute", _unloaded, lambda m, f: m.config, AdapterError, "unloaded"),
     _case("unloaded-get-adapter", _unloaded, lambda m, f: m.get_adapter("default"), AdapterError, "unloaded"),
     # ---------------------------------------------------------------- plugins
     _case("register-plugin-int", _bert, lambda m, f: unipeft.register_plugin(5), TypeError, "plugin", "@unipeft.hookimpl"),

@@ -120,6 +120,8 @@ class DeltaModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "deltas") or name.startswith("_"):
                 raise
+            if self.__dict__.get("_unloaded"):
+                self._check_live()  # the backbone was handed back: use it, not this handle
             return getattr(self.base_model, name)
 
     # ------------------------------------------------------------------ introspection
