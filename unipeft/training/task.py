@@ -1,9 +1,9 @@
-"""Text classification for ``unipeft train``: data files, tokenizers, a pooled linear head."""
+"""Text classification for ``unipeft train``: tokenizers, a pooled linear head, the loss.
+
+The data files are read by :mod:`unipeft.training.data`."""
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 import zlib
 from collections.abc import Callable
@@ -13,51 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .spec import DataSpec, RunConfigError
+from .spec import RunConfigError
 
 Encode = Callable[[list[str]], dict[str, Tensor]]
-
-
-def read_examples(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
-    """(text, label) pairs of a CSV (with a header row) or JSONL file; labels as strings."""
-    if not path.is_file():
-        raise RunConfigError(f"data file {path} does not exist; fix data.path in the YAML")
-    rows: list[tuple[str, str]] = []
-    suffix = path.suffix.lower()
-    with open(path, encoding="utf-8", newline="") as fh:
-        if suffix == ".csv":
-            reader = csv.DictReader(fh)
-            _check_columns(path, reader.fieldnames or [], (text_column, label_column), "")
-            rows = [(r[text_column], r[label_column]) for r in reader]
-        elif suffix in (".jsonl", ".ndjson"):
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as exc:
-                    raise RunConfigError(f"{path}:{n}: not valid JSON ({exc})") from None
-                if not isinstance(rec, dict):
-                    raise RunConfigError(f"{path}:{n}: each line must be a JSON object")
-                _check_columns(path, list(rec), (text_column, label_column), f":{n}")
-                rows.append((str(rec[text_column]), str(rec[label_column])))
-        else:
-            raise RunConfigError(
-                f"data file {path} has suffix {suffix!r}; use a .csv (with a header) or .jsonl"
-            )
-    if not rows:
-        raise RunConfigError(f"data file {path} holds no examples")
-    return rows
-
-
-def _check_columns(path: Path, found: list[str], wanted: tuple[str, ...], where: str) -> None:
-    for col in wanted:
-        if col not in found:
-            raise RunConfigError(
-                f"{path}{where}: column {col!r} not found; the columns are: "
-                f"{', '.join(map(repr, found)) or 'none'}. Fix data.text_column / "
-                "data.label_column in the YAML, or the file"
-            )
 
 
 def label_ids(labels: list[str]) -> list[str]:
@@ -160,30 +118,6 @@ class TextClassifier(nn.Module):
         """The encoder's auxiliary loss (unipeft MoE methods), if any."""
         aux = getattr(self.encoder, "aux_loss", None)
         return aux() if callable(aux) else None
-
-
-def make_dataset(
-    spec: DataSpec, path: Path, encode: Encode, labels: list[str] | None = None
-) -> tuple[list[dict[str, Tensor]], list[str]]:
-    """Examples as dicts of tensors, and the label names (index = class id)."""
-    rows = read_examples(path, spec.text_column, spec.label_column)
-    names = labels if labels is not None else label_ids([r[1] for r in rows])
-    if labels is None and len(names) < 2:
-        raise RunConfigError(f"{path} has a single label {names}; classification needs two")
-    unknown = sorted({r[1] for r in rows} - set(names))
-    if unknown:
-        raise RunConfigError(f"{path} has labels {unknown} that the training data lacks")
-    enc = encode([r[0] for r in rows])
-    index = {n: i for i, n in enumerate(names)}
-    examples = [
-        {
-            "input_ids": enc["input_ids"][i],
-            "attention_mask": enc["attention_mask"][i],
-            "label": torch.tensor(index[r[1]]),
-        }
-        for i, r in enumerate(rows)
-    ]
-    return examples, names
 
 
 def classification_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
