@@ -10,7 +10,18 @@ from hypothesis import given, settings
 
 import unipeft
 from unipeft.testing.invariants import INVARIANTS
-from unipeft.testing.strategies import configs, invalid_values
+from unipeft.testing.strategies import (
+    WIDTH,
+    configs,
+    default_config,
+    drawn_configs,
+    invalid_values,
+    wide_config,
+)
+from unipeft.testing.suite import KNOWN_FAILURES
+
+# a known bug of lora's (KNOWN_FAILURES, empty today) would be reported as xfail
+LORA_XFAILS = sum(1 for m, _ in KNOWN_FAILURES if m == "lora")
 
 
 @pytest.fixture
@@ -31,10 +42,14 @@ def test_plugin_author_command_runs_the_suite(pytester: pytest.Pytester, clean_e
         "--unipeft-backbones",
         "bert,timm_vit,open_clip",
     )
-    result.assert_outcomes(passed=3 * len(INVARIANTS))
+    # every invariant and the lifecycle machine, on each backbone
+    result.assert_outcomes(passed=3 * (len(INVARIANTS) - LORA_XFAILS + 1), xfailed=3 * LORA_XFAILS)
     # the suite lies outside this rootdir; its node ids still have a path
     result.stdout.fnmatch_lines(
-        ["unipeft/testing/suite.py::test_conformance[[]lora-open_clip-unload_restores[]] PASSED*"]
+        [
+            "unipeft/testing/suite.py::test_conformance[[]lora-open_clip-unload_restores[]] PASS*",
+            "unipeft/testing/suite.py::test_lifecycle[[]lora-open_clip[]] PASSED*",
+        ]
     )
     # hypothesis kept its files in the user's cache, not in the plugin author's folder
     assert not (pytester.path / ".hypothesis").exists()
@@ -150,8 +165,14 @@ def test_the_kit_runs_on_a_plugins_tiny_backbone(
         "--unipeft-backbones",
         "toy",
     )
-    result.assert_outcomes(passed=2 * len(INVARIANTS))
-    result.stdout.fnmatch_lines(["*::test_conformance[[]bitfit-toy-merge_roundtrip[]] PASSED*"])
+    result.assert_outcomes(passed=2 * (len(INVARIANTS) + 1) - LORA_XFAILS, xfailed=LORA_XFAILS)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_conformance[[]bitfit-toy-merge_roundtrip[]] PASSED*",
+            "*::test_conformance[[]bitfit-toy-fresh_interpreter_load[]] PASSED*",
+            "*::test_lifecycle[[]bitfit-toy[]] PASSED*",
+        ]
+    )
 
 
 def test_unknown_method_is_a_usage_error(pytester: pytest.Pytester) -> None:
@@ -202,3 +223,52 @@ def test_drawn_configs_are_valid_for_every_method(data) -> None:
 def test_invalid_values_cover_every_bounded_field() -> None:
     fields = {f for f, _ in invalid_values(unipeft.get_method("lora"))}
     assert fields == {"r", "alpha", "dropout", "init"}
+
+
+def test_configs_include_the_default_and_sizes_above_the_width() -> None:
+    lora = unipeft.get_method("lora")
+    assert default_config(lora) == lora.config()
+    assert wide_config(lora) == lora.config(r=WIDTH + 1)
+    moe = unipeft.get_method("moe_lora")
+    assert (wide_config(moe).num_experts, wide_config(moe).r) == (WIDTH + 1, WIDTH + 1)
+    assert wide_config(unipeft.get_method("bitfit")) is None  # no integer field
+
+    seen: list = []
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(data=__import__("hypothesis").strategies.data())
+    def draw(data) -> None:
+        seen.append(data.draw(configs(lora)))
+
+    draw()
+    assert lora.config() in seen
+    assert any(c.r > WIDTH for c in seen) and any(c.r <= 8 for c in seen)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(data=__import__("hypothesis").strategies.data())
+def test_drawn_integers_stay_inside_their_bounds(data) -> None:
+    moe = unipeft.get_method("moe_lora")
+    cfg = data.draw(drawn_configs(moe))
+    assert 2 <= cfg.num_experts <= WIDTH + 9 and 1 <= cfg.r <= WIDTH + 9
+
+
+def test_fresh_interpreter_names_a_method_it_cannot_resolve(tmp_path: Path) -> None:
+    """A method registered only in this process, whose record does not pickle, cannot be
+    checked in a fresh interpreter: the worker says so instead of passing."""
+    from dataclasses import replace
+
+    from unipeft.runtime.registry import registry
+    from unipeft.testing.backbones import BACKBONES
+    from unipeft.testing.fresh import FreshInterpreterError, fresh_outputs
+
+    bb = BACKBONES["bert"]
+    local = replace(unipeft.get_method("lora"), id="local_lora", num_parameters=lambda c, s: 0)
+    reg = registry().methods
+    reg["local_lora"] = local
+    try:
+        unipeft.apply(bb.make(), "local_lora", r=2).save(str(tmp_path))
+        with pytest.raises(FreshInterpreterError, match="'local_lora' is unknown in a fresh"):
+            fresh_outputs(local, bb, str(tmp_path))
+    finally:
+        del reg["local_lora"]

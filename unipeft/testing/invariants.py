@@ -17,70 +17,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
 
 from ..contract.config import DeltaConfig
 from ..contract.errors import ConfigError
 from ..contract.method import Method
 from ..features.saving import WEIGHTS_FILE
-from ..model import DeltaModel
+from ._common import ATOL, RTOL, Refused, outputs, perturb, reference
+from ._common import add_same as _add_same
+from ._common import apply_method as _apply
+from ._common import close as _close
+from ._common import equal as _equal
+from ._common import same_state as _same_state
+from ._common import state as _state
 from .backbones import TinyBackbone
+from .more_invariants import MORE_INVARIANTS
 from .strategies import invalid_values
 
-ATOL = 1e-5
-RTOL = 1e-4
-
-
-def _apply(method: Method, bb: TinyBackbone, cfg: DeltaConfig, model: nn.Module) -> DeltaModel:
-    import unipeft
-
-    return unipeft.apply(model, method.id, **cfg.model_dump())
-
-
-def reference(bb: TinyBackbone, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    model = bb.make(dtype)
-    model.requires_grad_(False)
-    with torch.no_grad():
-        return bb.run(model, bb.sample(seed, dtype))
-
-
-def outputs(model: nn.Module, bb: TinyBackbone, seed: int = 0) -> Tensor:
-    with torch.no_grad():
-        return bb.run(model, bb.sample(seed))
-
-
-def perturb(
-    model: DeltaModel, seed: int = 1, scale: float = 0.1, adapter: str | None = None
-) -> None:
-    """Move delta parameters (of one adapter, or all) away from their init, so checks
-    cannot pass vacuously."""
-    gen = torch.Generator().manual_seed(seed)
-    params = model.deltas[adapter].parameters() if adapter else model.deltas.parameters()
-    with torch.no_grad():
-        for p in params:
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            p.add_(noise.to(device=p.device, dtype=p.dtype) * scale)
-
-
-def _close(a: Tensor, b: Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}"
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
-
-
-def _equal(a: Tensor, b: Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}"
-    diff = (a - b).abs().max().item() if a.numel() else 0.0
-    assert torch.equal(a, b), f"{what}: not bit-identical (max abs diff {diff:.3e})"
-
-
-def _state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(a: dict[str, Tensor], b: dict[str, Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: state dict keys differ: {sorted(a.keys() ^ b.keys())}"
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k} changed"
+__all__ = ["ATOL", "INVARIANTS", "RTOL", "Refused", "outputs", "perturb", "reference"]
 
 
 # ------------------------------------------------------------------------------ invariants
@@ -260,7 +213,7 @@ def adapters_isolated(method: Method, bb: TinyBackbone, cfg: DeltaConfig) -> Non
     perturb(model, seed=1)
     expected = outputs(model, bb)
     before_a = {k: v.clone() for k, v in model.deltas["default"].state_dict().items()}
-    model.add_adapter("other", method.id, **cfg.model_dump())
+    _add_same(model, "other", method, cfg)
     _equal(outputs(model, bb), expected, "output with A active after adding B")
     perturb(model, seed=2, adapter="other")
     model.set_active("other")
@@ -288,7 +241,7 @@ def mixed_batch_matches(method: Method, bb: TinyBackbone, cfg: DeltaConfig) -> N
     """
     model = _apply(method, bb, cfg, bb.make())
     perturb(model, seed=1)
-    model.add_adapter("other", method.id, **cfg.model_dump())
+    _add_same(model, "other", method, cfg)
     perturb(model, seed=2, adapter="other")
     inputs = bb.sample(0)
     with torch.no_grad():
@@ -324,5 +277,6 @@ INVARIANTS = {
     "unload_restores": unload_restores,
     "adapters_isolated": adapters_isolated,
     "mixed_batch_matches": mixed_batch_matches,
+    **MORE_INVARIANTS,
 }
 """Every invariant, by name."""

@@ -28,7 +28,7 @@ from ..maps.tiny import TinyBackbone
 
 settings.register_profile(
     "unipeft-fast",
-    max_examples=3,
+    max_examples=2,  # drawn configs, after the explicit default and wide ones (see runner)
     deadline=None,
     derandomize=True,
     suppress_health_check=[
@@ -51,6 +51,8 @@ settings.register_profile(
 )
 
 _PROFILE = {"name": os.environ.get("UNIPEFT_HYPOTHESIS_PROFILE", "unipeft-fast")}
+LIFECYCLE = {"unipeft-fast": (3, 10), "unipeft-thorough": (25, 30)}
+"""Per profile: runs of the lifecycle state machine per case, and steps per run."""
 SUITE = Path(__file__).with_name("suite.py")
 SUITE_NODE_PATH = "unipeft/testing/suite.py"
 """The path part of the suite's node ids, the same wherever unipeft is installed."""
@@ -59,6 +61,13 @@ STORAGE_ENV = "HYPOTHESIS_STORAGE_DIRECTORY"
 
 def hypothesis_profile() -> str:
     return _PROFILE["name"]
+
+
+def lifecycle_settings() -> settings:
+    """The profile's settings with its number of lifecycle runs and steps per run."""
+    name = hypothesis_profile()
+    runs, steps = LIFECYCLE[name]
+    return settings(settings.get_profile(name), max_examples=runs, stateful_step_count=steps)
 
 
 @dataclass(frozen=True)

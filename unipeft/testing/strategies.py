@@ -1,7 +1,12 @@
 """Hypothesis strategies drawn from a method's pydantic schema.
 
-Numbers are drawn inside the declared bounds but capped near their lower end, so tiny
-backbones stay tiny (a rank of 4000 is valid but tests nothing a rank of 5 does not).
+Numbers are drawn inside the declared bounds, mostly near their lower end, so tiny
+backbones stay tiny (a rank of 4000 is valid but tests nothing a rank of 40 does not).
+Integers are sometimes drawn just above :data:`WIDTH`, the width of the tiny backbones, so
+that sizes larger than a site's features (a rank above ``in_features``) are tried; and
+:func:`configs` includes the method's default config. :func:`default_config` and
+:func:`wide_config` give those two configs directly: the suite runs both as explicit
+examples of every case.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from ..contract.method import Method
 
 INT_SPAN = 7
 FLOAT_SPAN = 4.0
+WIDTH = 32
+"""The width (hidden size) of the tiny backbones; integer draws sometimes exceed it."""
+WIDE_SPAN = 8
 
 
 def _bounds(info: Any) -> dict[str, float]:
@@ -31,10 +39,21 @@ def _bounds(info: Any) -> dict[str, float]:
     return out
 
 
-def _int_strategy(b: dict[str, float]) -> st.SearchStrategy[int]:
+def _int_range(b: dict[str, float]) -> tuple[int, int | None]:
     lo = int(b["ge"]) if "ge" in b else int(b["gt"]) + 1 if "gt" in b else 0
-    hi = int(b["le"]) if "le" in b else int(b["lt"]) - 1 if "lt" in b else lo + INT_SPAN
-    return st.integers(lo, min(hi, lo + INT_SPAN))
+    hi = int(b["le"]) if "le" in b else int(b["lt"]) - 1 if "lt" in b else None
+    return lo, hi
+
+
+def _int_strategy(b: dict[str, float]) -> st.SearchStrategy[int]:
+    """Near the lower bound, or (when the bounds allow) just above :data:`WIDTH`."""
+    lo, hi = _int_range(b)
+    small = st.integers(lo, lo + INT_SPAN if hi is None else min(hi, lo + INT_SPAN))
+    above = max(lo, WIDTH + 1)
+    if above <= lo + INT_SPAN or (hi is not None and hi < above):
+        return small
+    wide = st.integers(above, above + WIDE_SPAN if hi is None else min(hi, above + WIDE_SPAN))
+    return st.one_of(small, wide)
 
 
 def _float_strategy(b: dict[str, float]) -> st.SearchStrategy[float]:
@@ -77,8 +96,54 @@ def field_strategy(annotation: Any, info: Any) -> st.SearchStrategy[Any]:
     )
 
 
+def configs(method: Method) -> st.SearchStrategy[DeltaConfig]:
+    """A valid config of ``method``: every field drawn from its schema, or the method's
+    default config."""
+    default = default_config(method)
+    drawn = drawn_configs(method)
+    return drawn if default is None else st.one_of(drawn, st.just(default))
+
+
+def default_config(method: Method) -> DeltaConfig | None:
+    """The config with every field at its default (None if a field has no default)."""
+    try:
+        return method.config()
+    except ValidationError:
+        return None
+
+
+def wide_config(method: Method) -> DeltaConfig | None:
+    """The default config with every integer field raised to just above :data:`WIDTH` (where
+    its bounds allow): sizes larger than the tiny backbones' features. None when no integer
+    field can go there, or when the config's own rules refuse the result."""
+    default = default_config(method)
+    if default is None:
+        return None
+    values = default.model_dump()
+    changed = False
+    for name, info in method.config.model_fields.items():
+        ints = info.annotation is int or (
+            typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+            and int in typing.get_args(info.annotation)
+        )
+        if not ints or not isinstance(values[name], int) or isinstance(values[name], bool):
+            continue
+        lo, hi = _int_range(_bounds(info))
+        target = max(values[name], lo, WIDTH + 1)
+        if hi is not None:
+            target = min(target, hi)
+        if target > WIDTH and target != values[name]:
+            values[name], changed = target, True
+    if not changed:
+        return None
+    try:
+        return method.config.model_validate(values)
+    except ValidationError:
+        return None
+
+
 @st.composite
-def configs(draw: st.DrawFn, method: Method) -> DeltaConfig:
+def drawn_configs(draw: st.DrawFn, method: Method) -> DeltaConfig:
     """A valid config of ``method``, every field drawn from its schema."""
     cls = method.config
     values = {
