@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from _matrix import backbones
+from _state import fingerprint
 from torch import Tensor
 
 import unipeft
@@ -170,9 +171,13 @@ def test_svd_with_enough_rank_equals_the_dense_sum() -> None:
     new = combine(model, {"a": 1.0, "b": 0.5}, "ab", how="svd", rank=2)
     assert new.config.r == 2
     _exact(_dw(model, "ab"), _block([2.5, 2.0, 0.5], [1.5, -3.0, 4.5]))
-    # a rank above min(out, in) is padded with zeros and still exact
-    combine(model, {"a": 1.0, "b": 0.5}, "wide", how="svd", rank=40)
-    _exact(_dw(model, "wide"), _block([2.5, 2.0, 0.5], [1.5, -3.0, 4.5]))
+    # the largest rank a site allows is exact; a larger one is refused, naming the limit
+    combine(model, {"a": 1.0, "b": 0.5}, "full", how="svd", rank=32)
+    _exact(_dw(model, "full"), _block([2.5, 2.0, 0.5], [1.5, -3.0, 4.5]))
+    before = fingerprint(model)
+    with pytest.raises(ConfigError, match=r"r=40 is above the largest rank .* Choose r <= 32"):
+        combine(model, {"a": 1.0, "b": 0.5}, "wide", how="svd", rank=40)
+    assert fingerprint(model) == before
 
 
 def test_svd_truncation_error_is_eckart_young() -> None:

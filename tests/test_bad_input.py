@@ -448,6 +448,13 @@ CASES = [
     _case("size-unipelt-gpt2", _gpt2, lambda m, f: A(m, "unipelt", prompt_tokens=100), ConfigError, "prompt_tokens=100", "<= 63"),
     _case("size-prompt-second-adapter", _prompted_gpt2, lambda m, f: m.add_adapter("b", "prompt_tuning", num_tokens=64), ConfigError, "num_tokens=64", "'tokens'"),
     _case("size-prompt-plan", _prompted_gpt2, lambda m, f: m.plan("prompt_tuning", num_tokens=70), ConfigError, "num_tokens=70", "<= 63"),
+    _case("size-lora-r-512", _bert, lambda m, f: A(m, "lora", r=512), ConfigError, "r=512", "32->32", "r <= 32"),
+    _case("size-lora-r-33", _bert, lambda m, f: A(m, "lora", r=33, targets=["mlp.up"]), ConfigError, "r=33", "32->64", "r <= 32"),
+    _case("size-dora-r", _bert, lambda m, f: A(m, "dora", r=64), ConfigError, "'dora'", "r=64", "r <= 32"),
+    _case("size-moe-lora-r", _bert, lambda m, f: A(m, "moe_lora", r=40), ConfigError, "'moe_lora'", "r=40", "r <= 32"),
+    _case("size-unipelt-lora-r", _bert, lambda m, f: A(m, "unipelt", lora_r=100), ConfigError, "lora_r=100", "lora_r <= 32"),
+    _case("size-lora-r-second-adapter", _lora, lambda m, f: m.add_adapter("b", "lora", r=48), ConfigError, "r=48", "r <= 32"),
+    _case("size-plan-budget-fixed-r", _bert, lambda m, f: unipeft.plan_budget(m, "lora", "50%", r=64), ConfigError, "r=64", "r <= 32"),
     _case("size-prompt-input-too-long", _prompted_gpt2, lambda m, f: m(torch.ones(1, 10, dtype=torch.long)), ValueError, "60 soft tokens", "64", "at most 4 input tokens"),
     # ---------------------------------------------------------------- names and lifecycle
     _case("set-active-int", _lora, lambda m, f: m.set_active(5), TypeError, "set_active(names)", "adapter name"),

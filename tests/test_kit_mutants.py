@@ -139,7 +139,9 @@ def _build_clamped(cfg: LoraConfig, site: Any) -> LoraDelta:
     return LoraDelta(shape, min(cfg.r, shape.in_features), cfg.alpha, cfg.dropout)
 
 
-CLAMPED = replace(LORA, id="mut_clamped_rank", build=_build_clamped)
+# a plugin that declares no size limit (LoRA's own refuses r above the width at apply) and
+# quietly clamps instead
+CLAMPED = replace(LORA, id="mut_clamped_rank", build=_build_clamped, size_check=None)
 
 
 # (v) build() leaves an attribute on the backbone's module -----------------------------------

@@ -66,6 +66,25 @@ def low_rank_parameters(r: int, site: Site) -> int:
     return r * (shape.in_features * math.prod(shape.kernel_size) + shape.out_features)
 
 
+def low_rank_refusal(field: str, r: int, site: Site) -> str | None:
+    """Why a rank ``r`` (the config field ``field``) does not fit the projection ``site``, or
+    ``None``: ``B A`` has rank ``min(d_in · k, d_out)`` at most, so a larger ``r`` only adds
+    parameters that cannot change the update. Sites without a weight are not checked.
+    Methods built on :class:`LowRankDelta` use it as their ``size_check``."""
+    if getattr(site, "weight", None) is None:
+        return None
+    shape = ProjectionShape.of(site)  # type: ignore[arg-type]
+    d_in = shape.in_features * math.prod(shape.kernel_size)
+    full = min(d_in, shape.out_features)
+    if r <= full:
+        return None
+    return (
+        f"{field}={r} is above the largest rank an update of this {d_in}->"
+        f"{shape.out_features} projection can have ({full}); a larger rank only adds "
+        f"parameters. Choose {field} <= {full}"
+    )
+
+
 def add_low_rank(
     y: Tensor, h: Tensor, B: Tensor, scaling: float, *, inplace: bool = False
 ) -> Tensor:

@@ -354,7 +354,8 @@ def lora_factors(dw: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     ``A = S_r^½ V_rᵀ`` reshaped to ``(rank, in, *kernel)``, keeping the ``rank`` largest
     singular values (the best rank-``rank`` approximation, Eckart–Young); ``B A = M`` exactly
     (up to float error) when ``rank`` is at least the rank of ``M``. A ``rank`` above
-    ``min(out, in·k)`` is padded with zero rows of ``A`` and zero columns of ``B``.
+    ``min(out, in·k)`` is padded with zero rows of ``A`` and zero columns of ``B`` (an
+    adapter of such a rank is refused by LoRA's size check at attach).
     """
     out = dw.shape[0]
     m = dw.reshape(out, -1)

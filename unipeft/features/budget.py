@@ -76,12 +76,21 @@ def plan_budget(
     field = spec.budget_field
 
     def count(values: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Trainable parameters of ``values`` (more than any budget when a size does not
+        fit a site, e.g. a rank above a layer's width), and the config."""
         c = spec.config.parse(spec.id, values)
         usable = [s for s in sites if s.name not in optional or spec.refusal(c, s) is None]
+        if any(spec.size_refusal(c, s) is not None for s in usable):
+            return total + 1, c.model_dump(mode="json")
         return sum(spec.num_parameters(c, s) for s in usable), c.model_dump(mode="json")
 
     limit = fraction * total
     if field is None or field in fixed:
+        chosen = spec.config.parse(spec.id, fixed)
+        for site in sites:
+            reason = spec.size_refusal(chosen, site)
+            if reason is not None:
+                raise ConfigError(f"{spec.id} does not fit site {site.name!r}: {reason}")
         n, config = count(fixed)
         if n > limit:
             raise ConfigError(

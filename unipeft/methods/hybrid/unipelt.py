@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ...blocks import LowRankDelta
+from ...blocks import LowRankDelta, low_rank_refusal
 from ...contract.config import DeltaConfig
 from ...contract.deltas import Gate, HybridDelta, ProjectionShape, ScalarGate
 from ...contract.method import Method
@@ -78,7 +78,9 @@ def _accepts(cfg: UniPELTConfig, site: Site) -> str | None:
 
 
 def _fits(cfg: UniPELTConfig, site: Site) -> str | None:
-    return tokens_refusal("prompt_tokens", cfg.prompt_tokens, site)
+    if isinstance(site, SequenceSite):
+        return tokens_refusal("prompt_tokens", cfg.prompt_tokens, site)
+    return low_rank_refusal("lora_r", cfg.lora_r, site)
 
 
 METHOD = Method(

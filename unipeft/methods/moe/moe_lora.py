@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from ...blocks import LowRankDelta
+from ...blocks import LowRankDelta, low_rank_refusal
 from ...contract.config import DeltaConfig
 from ...contract.deltas import MixtureOfExpertsDelta, ProjectionShape
 from ...contract.method import Method
@@ -50,6 +50,10 @@ def _accepts(cfg: MoELoraConfig, site: Site) -> str | None:
     return None
 
 
+def _rank_fits(cfg: MoELoraConfig, site: Site) -> str | None:
+    return low_rank_refusal("r", cfg.r, site)
+
+
 METHOD = Method(
     id="moe_lora",
     family="moe",
@@ -67,4 +71,5 @@ METHOD = Method(
     "Transformers (load-balancing loss), 2021, arXiv:2101.03961",
     summary="router over LoRA experts (soft or top-k) with a load-balancing loss",
     accepts=_accepts,
+    size_check=_rank_fits,
 )

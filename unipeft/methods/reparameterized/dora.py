@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ...blocks import LowRankConfig, LowRankDelta, low_rank_parameters
+from ...blocks import LowRankConfig, LowRankDelta, low_rank_parameters, low_rank_refusal
 from ...contract.deltas import ProjectionShape
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, Site
@@ -200,6 +200,10 @@ def _count(cfg: DoraConfig, site: Site) -> int:
     return low_rank_parameters(cfg.r, site) + ProjectionShape.of(site).out_features  # type: ignore[arg-type]
 
 
+def _rank_fits(cfg: DoraConfig, site: Site) -> str | None:
+    return low_rank_refusal("r", cfg.r, site)
+
+
 METHOD = Method(
     id="dora",
     family="reparameterized",
@@ -214,4 +218,5 @@ METHOD = Method(
     identity_at_init=True,
     paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, 2024, arXiv:2402.09353",
     summary="LoRA on the direction of each weight row plus a learned magnitude; mergeable",
+    size_check=_rank_fits,
 )

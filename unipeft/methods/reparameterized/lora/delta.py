@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ....blocks import LowRankConfig, LowRankDelta, add_low_rank, low_rank_parameters
+from ....blocks import (
+    LowRankConfig,
+    LowRankDelta,
+    add_low_rank,
+    low_rank_parameters,
+    low_rank_refusal,
+)
 from ....contract.deltas import ProjectionShape
 from ....contract.method import Method
 from ....contract.sites import Site
@@ -104,6 +110,10 @@ def _count(cfg: LoraConfig, site: Site) -> int:
     return low_rank_parameters(cfg.r, site)
 
 
+def _rank_fits(cfg: LoraConfig, site: Site) -> str | None:
+    return low_rank_refusal("r", cfg.r, site)
+
+
 METHOD = Method(
     id="lora",
     family="reparameterized",
@@ -118,4 +128,5 @@ METHOD = Method(
     identity_at_init=True,
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, 2021, arXiv:2106.09685",
     summary="low-rank update of projection weights; mergeable",
+    size_check=_rank_fits,
 )
