@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,8 @@ def _child(fn) -> int:  # type: ignore[no-untyped-def]
     return status
 
 
-def _operations_of_a_save(folder: Path, model: unipeft.DeltaModel) -> int:
-    """How many file operations a save over an earlier save makes."""
+def _operations_of(write: Callable[[], None]) -> int:
+    """How many file operations ``write()`` (a save or an export over an earlier one) makes."""
     count = [0]
     originals = {name: getattr(saving, name) for name in OPERATIONS}
     replace = os.replace
@@ -80,7 +81,7 @@ def _operations_of_a_save(folder: Path, model: unipeft.DeltaModel) -> int:
         for name, fn in originals.items():
             setattr(saving, name, counted(fn))
         os.replace = counted(replace)
-        model.save(str(folder))
+        write()
     finally:
         for name, fn in originals.items():
             setattr(saving, name, fn)
@@ -92,7 +93,7 @@ def test_a_kill_at_every_file_operation(tmp_path: Path) -> None:
     old_model, new_model = _model(0), _model(1)
     old, new = _tensors(old_model), _tensors(new_model)
     old_model.save(str(tmp_path / "count"))
-    steps = _operations_of_a_save(tmp_path / "count", new_model)
+    steps = _operations_of(lambda: new_model.save(str(tmp_path / "count")))
     assert steps >= 8  # settle, write, checksum, three fsyncs, two renames and their fsyncs
     seen = []
     for k in range(1, steps + 2):  # k = steps + 1: the save runs to its end
@@ -202,34 +203,10 @@ def _peft_pair(tmp_path: Path) -> tuple[unipeft.DeltaModel, unipeft.DeltaModel, 
     return old_model, new_model, expected[0], expected[1]
 
 
-def _operations_of_an_export(folder: Path, model: unipeft.DeltaModel) -> int:
-    count = [0]
-    originals = {name: getattr(saving, name) for name in OPERATIONS}
-    replace = os.replace
-
-    def counted(fn):  # type: ignore[no-untyped-def]
-        def call(*a, **k):  # type: ignore[no-untyped-def]
-            count[0] += 1
-            return fn(*a, **k)
-
-        return call
-
-    try:
-        for name, fn in originals.items():
-            setattr(saving, name, counted(fn))
-        os.replace = counted(replace)
-        interop.save(model, folder)
-    finally:
-        for name, fn in originals.items():
-            setattr(saving, name, fn)
-        os.replace = replace
-    return count[0]
-
-
 def test_a_peft_export_killed_at_every_file_operation(tmp_path: Path) -> None:
     old_model, new_model, old, new = _peft_pair(tmp_path)
     interop.save(old_model, tmp_path / "count")
-    steps = _operations_of_an_export(tmp_path / "count", new_model)
+    steps = _operations_of(lambda: interop.save(new_model, tmp_path / "count"))
     assert steps >= 8  # settle, write, checksum, four fsyncs, two renames and their fsyncs
     seen = []
     for k in range(1, steps + 2):  # k = steps + 1: the export runs to its end
