@@ -78,6 +78,28 @@ class DeltaModule(nn.Module):
     def forward(self, x: Tensor | None, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def use_shared(self, shared: nn.Module) -> None:
+        """Keep the adapter's shared module (:attr:`Method.shared`) as :attr:`shared`: a
+        reference, not a submodule, so its tensors are saved, counted and moved once, by the
+        adapter, and never as part of this delta's state dict."""
+        object.__setattr__(self, "_unipeft_shared", shared)
+
+    @property
+    def shared(self) -> nn.Module:
+        """The adapter's shared module given to :meth:`use_shared`."""
+        try:
+            return self.__dict__["_unipeft_shared"]
+        except KeyError:
+            raise AttributeError(
+                f"{type(self).__name__} has no shared module; its method has no shared()"
+            ) from None
+
+    def lr_scale(self) -> dict[str, float]:
+        """Learning-rate multipliers for some of this delta's parameters, by their name in
+        the delta (e.g. LoRA+'s ``{"B": 16.0}``); the others train at the base rate.
+        :func:`unipeft.param_groups` builds the optimizer's groups from them."""
+        return {}
+
     def tokens(self, batch_size: int) -> Tensor:
         """Soft tokens ``(batch_size, P, D)`` for a sequence site."""
         raise TypeError(f"{type(self).__name__} does not provide tokens")

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from torch import nn
+
 from .config import DeltaConfig
 from .deltas import FAMILIES, DeltaModule, Family
 from .sites import SequenceSite, Site
@@ -50,6 +52,17 @@ class Method:
     (naming the field and the limit, e.g. ``"num_tokens=80 ... must be <= 63"``), or None.
     Unlike ``accepts``, a refusal here is never skipped, even on optional targets: the
     call raises :class:`~unipeft.contract.errors.ConfigError` before anything is built."""
+    shared: Callable[[Any, tuple[Site, ...]], nn.Module] | None = None
+    """Optional: builds the adapter's **shared module** once per adapter, from the config and
+    every site the adapter occupies, before any delta. Its parameters are trained and counted
+    once, its persistent buffers saved once, and it moves with the model; each delta refers to
+    it. When set, ``build`` is called as ``build(config, site, shared)`` and the delta keeps
+    the reference with :meth:`~unipeft.DeltaModule.use_shared`. A shared module may define
+    ``after_backward(deltas)``: unipeft calls it at the end of every backward pass that gave
+    the adapter's parameters gradients, in any training loop (see docs/methods.md)."""
+    shared_parameters: Callable[[Any, tuple[Site, ...]], int] | None = None
+    """Trainable parameters of the shared module (the formula's adapter-wide term), given
+    the config and the adapter's sites; None when it trains nothing."""
     budget_field: str | None = None
     """The integer config field that sets the method's size (LoRA's ``r``), which the
     budget planner searches; None for methods of fixed size."""
@@ -97,6 +110,23 @@ class Method:
         """Why ``config``'s sizes do not fit ``site`` (None if they do or nothing checks)."""
         return self.size_check(config, site) if self.size_check is not None else None
 
+    def build_shared(self, config: DeltaConfig, sites: tuple[Site, ...]) -> nn.Module | None:
+        """The adapter's shared module (None for methods without one)."""
+        if self.shared is None:
+            return None
+        module = self.shared(config, tuple(sites))
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"method {self.id!r}: shared() must return an nn.Module, "
+                f"got {type(module).__name__}"
+            )
+        return module
+
+    def count_shared(self, config: DeltaConfig, sites: tuple[Site, ...]) -> int:
+        """The formula's adapter-wide term: :attr:`shared_parameters`, or 0."""
+        f = self.shared_parameters
+        return int(f(config, tuple(sites))) if f is not None else 0
+
     def with_distribution(self, distribution: str) -> Method:
         return replace(self, distribution=distribution)
 
@@ -115,6 +145,7 @@ class Method:
             "paper": self.paper,
             "summary": self.summary,
             "budget_field": self.budget_field,
+            "shares_tensors": self.shared is not None,
             "distribution": self.distribution,
             "fields": {
                 name: {

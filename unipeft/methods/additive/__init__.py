@@ -1,5 +1,15 @@
-"""Additive methods: new modules or soft tokens added to the backbone."""
+"""Additive methods: new modules or soft tokens added to the backbone.
 
-from . import bottleneck_adapter, prompt_tuning
+Every module (or folder) of this package that defines ``METHOD`` is one method; ``METHODS``
+lists them, bottleneck_adapter, prompt_tuning first, then the others by name.
+"""
 
-METHODS = (bottleneck_adapter.METHOD, prompt_tuning.METHOD)
+import importlib
+import pkgutil
+
+_FIRST = ["bottleneck_adapter", "prompt_tuning"]
+_names = _FIRST + sorted(
+    i.name for i in pkgutil.iter_modules(__path__) if i.name not in _FIRST and i.name[0] != "_"
+)
+_modules = [importlib.import_module(f"{__name__}.{n}") for n in _names]
+METHODS = tuple(m.METHOD for m in _modules if getattr(m, "METHOD", None) is not None)
