@@ -45,6 +45,7 @@ from .contract.plan import AdapterPlan
 from .contract.sites import ModuleSite, SequenceSite, Site
 from .features import arithmetic, budget, interop
 from .features.budget import BudgetPlan, plan_budget
+from .features.optim import param_groups
 from .model import Adapter, DeltaModel
 from .runtime.registry import PluginFailure, Registry, register_plugin, registry, reset_registry
 from .runtime.targets import all_sites, pick_map, resolve_targets  # noqa: F401 (0.1 names)
@@ -191,6 +192,7 @@ __all__ = [
     "interop",
     "list_methods",
     "load",
+    "param_groups",
     "plan_budget",
     "plugin_failures",
     "plugin_manager",

@@ -18,12 +18,13 @@ from .contract.config import DeltaConfig
 from .contract.deltas import DeltaModule
 from .contract.errors import AdapterError, MergeError, UnipeftError
 from .contract.method import Method
-from .contract.plan import BASE, AdapterPlan, adapter_name_refusal
+from .contract.plan import BASE, SHARED, AdapterPlan, adapter_name_refusal
 from .contract.sites import Site
 from .runtime import checks
 from .runtime.hosts import HostTable
 from .runtime.ledger import MergeLedger
 from .runtime.registry import Registry, registry
+from .runtime.shared import BackwardTrigger, backward_trigger
 from .runtime.state import AdapterState, Attachment, Routing
 from .runtime.targets import resolve_targets
 
@@ -40,9 +41,13 @@ class Adapter:
     targets: list[str]
     sites: list[Site]
     attachments: list[Attachment]
+    shared: nn.Module | None = None
+    """The adapter's shared module (:attr:`Method.shared`), or None."""
+    trigger: BackwardTrigger | None = None
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for a in self.attachments for p in a.delta.parameters())
+        own = sum(p.numel() for a in self.attachments for p in a.delta.parameters())
+        return own + sum(p.numel() for p in self.shared.parameters()) if self.shared else own
 
     def delta_at(self, site: Site | str) -> DeltaModule:
         """The delta module this adapter placed at ``site`` (a site or its name)."""
@@ -223,7 +228,7 @@ class DeltaModel(nn.Module):
         checks.sites_in(self.base_model, sites)
         checks.check_sites(spec, cfg, sites, list(plan.targets))
         checks.check_sizes(spec, cfg, sites)
-        built = self._build(spec, cfg, sites, plan.state)
+        built, shared = self._build(spec, cfg, sites, plan.state)
 
         # -- mutation starts here; undo everything on failure
         first = self._requires_grad is None
@@ -237,7 +242,10 @@ class DeltaModel(nn.Module):
             for att in attachments:
                 self._hosts.add(att)
                 done.append(att)
-            self.deltas[adapter_name] = nn.ModuleDict({site_key(s): built[s.name] for s in sites})
+            modules = {site_key(s): built[s.name] for s in sites}
+            if shared is not None:
+                modules[SHARED] = shared
+            self.deltas[adapter_name] = nn.ModuleDict(modules)
             try:
                 _link(attachments)
             except UnipeftError:
@@ -255,7 +263,8 @@ class DeltaModel(nn.Module):
             if first:
                 self._requires_grad = None
             raise
-        adapter = Adapter(adapter_name, spec, cfg, list(plan.targets), sites, attachments)
+        adapter = Adapter(adapter_name, spec, cfg, list(plan.targets), sites, attachments, shared)
+        adapter.trigger = backward_trigger(shared, built)
         self._adapters[adapter_name] = adapter
         if not self._state.active:
             self._state.active = (adapter_name,)
@@ -270,21 +279,31 @@ class DeltaModel(nn.Module):
         cfg: DeltaConfig,
         sites: list[Site],
         state: Any,
-    ) -> dict[str, DeltaModule]:
-        """One delta per site, on the site's device and dtype, loaded from ``state``."""
+    ) -> tuple[dict[str, DeltaModule], nn.Module | None]:
+        """One delta per site, on the site's device and dtype, loaded from ``state``, and the
+        adapter's shared module (on the first site's device and dtype), or None."""
         built: dict[str, DeltaModule] = {}
         # initialisation draws random numbers; when a state replaces them, keep the RNG as is
         rng = torch.random.fork_rng(devices=[]) if state is not None else contextlib.nullcontext()
         with rng:
+            shared = spec.build_shared(cfg, tuple(sites))
+            if shared is not None:
+                ref = sites[0].reference_tensor() if sites else torch.empty(0)
+                shared.to(device=ref.device, dtype=ref.dtype)
+                if state is not None and SHARED in state:
+                    _load_state(shared, state[SHARED], SHARED, spec)
+                shared.requires_grad_(True)
+                shared.train(self.training)
             for site in sites:
                 ref = site.reference_tensor()
-                delta = spec.build(cfg, site).to(device=ref.device, dtype=ref.dtype)
+                made = spec.build(cfg, site) if shared is None else spec.build(cfg, site, shared)
+                delta = made.to(device=ref.device, dtype=ref.dtype)
                 if state is not None and site.name in state:
                     _load_state(delta, state[site.name], site, spec)
                 delta.requires_grad_(True)
                 delta.train(self.training)
                 built[site.name] = delta
-        return built
+        return built, shared
 
     def check_adapter_name(self, name: str) -> None:
         """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name.
@@ -366,6 +385,8 @@ class DeltaModel(nn.Module):
         self._remove_adapter(name)
 
     def _remove_adapter(self, name: str) -> None:
+        if self._adapters[name].trigger is not None:
+            self._adapters[name].trigger.remove()  # type: ignore[union-attr]
         for att in self._adapters[name].attachments:
             self._hosts.remove(att)
         del self.deltas[name]
@@ -507,19 +528,21 @@ class DeltaModel(nn.Module):
         save_adapters(self, path, names)
 
 
-def _load_state(delta: DeltaModule, state: Any, site: Site, spec: Method) -> None:
-    """Load a plan's tensors for one site into its freshly built delta, converting them to
-    the delta's dtype and device; errors name the site and the entries that differ."""
+def _load_state(delta: nn.Module, state: Any, site: Site | str, spec: Method) -> None:
+    """Load a plan's tensors for one site (or the shared module) into its freshly built
+    module, converting them to its dtype and device; errors name the site and the entries
+    that differ."""
+    where = site if isinstance(site, str) else site.name
     current = delta.state_dict()
     if set(state) != set(current):
         raise AdapterError(
-            f"the tensors given for site {site.name!r} are {sorted(state)}, but method "
+            f"the tensors given for site {where!r} are {sorted(state)}, but method "
             f"{spec.id!r} builds a delta there with {sorted(current)}"
         )
     for k, v in state.items():
         if tuple(v.shape) != tuple(current[k].shape):
             raise AdapterError(
-                f"the tensor {k!r} given for site {site.name!r} has shape {tuple(v.shape)}, "
+                f"the tensor {k!r} given for site {where!r} has shape {tuple(v.shape)}, "
                 f"but method {spec.id!r} builds one of shape {tuple(current[k].shape)} there"
             )
     with torch.no_grad():

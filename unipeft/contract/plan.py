@@ -32,6 +32,10 @@ from .sites import ModuleSite, SequenceSite, Site
 BASE = "__base__"
 """The name of the plain backbone in a mixed batch (``adapter_names=[..., "__base__"]``)."""
 
+SHARED = "__shared__"
+"""The key of an adapter's shared module (:attr:`Method.shared`) in ``AdapterPlan.state``,
+in ``DeltaModel.deltas[name]`` and in a save's sites."""
+
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 
@@ -54,8 +58,10 @@ class AdapterPlan:
     optionally the tensors its deltas start from.
 
     ``state`` maps a site's name to the full ``state_dict`` of the delta built there (every
-    parameter and buffer, in any dtype and device: they are converted to the delta's). Sites
-    without an entry keep the method's initialisation; ``None`` initialises every site.
+    parameter and buffer, in any dtype and device: they are converted to the delta's), and
+    :data:`SHARED` to the state dict of the adapter's shared module, for methods that have
+    one. Sites without an entry keep the method's initialisation; ``None`` initialises every
+    site.
     ``targets`` records what was asked for (saved with the adapter); ``structure_map``, the
     map that resolved them, which the model reports as its ``structure_map`` when it has
     none yet.
@@ -100,7 +106,7 @@ class AdapterPlan:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"the plan names sites {dup} more than once")
         if self.state is not None:
-            unknown = sorted(set(self.state) - set(names))
+            unknown = sorted(set(self.state) - set(names) - {SHARED})
             if unknown:
                 raise ValueError(
                     f"the plan's state has tensors for sites {unknown}, which are not among "

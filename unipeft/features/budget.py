@@ -82,7 +82,8 @@ def plan_budget(
         usable = [s for s in sites if s.name not in optional or spec.refusal(c, s) is None]
         if any(spec.size_refusal(c, s) is not None for s in usable):
             return total + 1, c.model_dump(mode="json")
-        return sum(spec.num_parameters(c, s) for s in usable), c.model_dump(mode="json")
+        own = sum(spec.num_parameters(c, s) for s in usable)
+        return own + spec.count_shared(c, tuple(usable)), c.model_dump(mode="json")
 
     limit = fraction * total
     if field is None or field in fixed:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .._version import __version__
 from ..contract.errors import AdapterError, ConfigError, LoadError, PluginError
-from ..contract.plan import AdapterPlan, adapter_name_refusal
+from ..contract.plan import SHARED, AdapterPlan, adapter_name_refusal
 from ..runtime.targets import all_sites
 from ._format import (
     FORMAT_VERSION,
@@ -64,14 +64,16 @@ def save_adapters(
     for name in names:
         adapter = model.get_adapter(name)
         sites: dict[str, dict[str, dict[str, Any]]] = {}
-        for site in adapter.sites:
-            delta = adapter.delta_at(site)
+        owners: list[tuple[str, nn.Module]] = [(s.name, adapter.delta_at(s)) for s in adapter.sites]
+        if adapter.shared is not None:  # the adapter's shared tensors: saved once
+            owners.append((SHARED, adapter.shared))
+        for site_name, owner in owners:
             described = {}
-            for pname, tensor in delta.state_dict().items():
-                key = tensor_key(name, site.name, adapter.method.id, pname)
+            for pname, tensor in owner.state_dict().items():
+                key = tensor_key(name, site_name, adapter.method.id, pname)
                 tensors[key] = tensor.detach().to("cpu").contiguous()
                 described[pname] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
-            sites[site.name] = described
+            sites[site_name] = described
         meta[name] = {
             "method": adapter.method.id,
             "method_distribution": adapter.method.distribution,
@@ -283,8 +285,16 @@ def plan_adapters(
             cfg = spec.config.parse(spec.id, meta.config)
         except ConfigError as exc:
             raise LoadError(f"{cfg_path}, field {where}.config: {exc}") from None
+        if (SHARED in meta.sites) != (spec.shared is not None):
+            what = "has no" if spec.shared is not None else f"has a {SHARED!r} entry, but"
+            raise LoadError(
+                f"{cfg_path}, field {where}.sites: method {spec.id!r} "
+                f"{'keeps' if spec.shared is not None else 'keeps no'} tensors shared by its "
+                f"sites, and the file {what} {SHARED!r} entry (a file of another method "
+                "version, or edited by hand)"
+            )
         for site_name in meta.sites:
-            if site_name not in by_name:
+            if site_name not in by_name and site_name != SHARED:
                 raise LoadError(
                     f"{cfg_path}, field {where}.sites: adapter {name!r} was saved for a backbone "
                     f"with a site {site_name!r}, which this {type(backbone).__name__} does not "
@@ -296,17 +306,21 @@ def plan_adapters(
     check_tensors(doc, tensors, weights, cfg_path)
     plans = []
     for name, meta, spec, cfg in resolved:
-        sites = []
+        sites = [by_name[n] for n in meta.sites if n != SHARED]
         state: dict[str, dict[str, torch.Tensor]] = {}
-        for site_name, described in meta.sites.items():
-            site = by_name[site_name]
-            with torch.random.fork_rng(devices=[]):  # a probe: leave the RNG as it was
-                delta = spec.build(cfg, site)
-            state[site_name] = _site_state(
-                (cfg_path, weights), name, site_name, spec.id, delta.state_dict(), set(described),
-                tensors,
-            )  # fmt: skip
-            sites.append(site)
+        with torch.random.fork_rng(devices=[]):  # a probe: leave the RNG as it was
+            shared = spec.build_shared(cfg, tuple(sites))
+            for site_name, described in meta.sites.items():
+                if site_name == SHARED:
+                    probe = shared
+                elif shared is None:
+                    probe = spec.build(cfg, by_name[site_name])
+                else:
+                    probe = spec.build(cfg, by_name[site_name], shared)
+                state[site_name] = _site_state(
+                    (cfg_path, weights), name, site_name, spec.id, probe.state_dict(),
+                    set(described), tensors,
+                )  # fmt: skip
         plans.append(
             (name, AdapterPlan(spec, cfg, tuple(sites), tuple(meta.targets), state, smap.name))
         )

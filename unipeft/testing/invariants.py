@@ -49,6 +49,7 @@ def trainable_count(method: Method, bb: TinyBackbone, cfg: DeltaConfig) -> None:
     assert not frozen_delta, f"delta parameters not trainable: {frozen_delta[:5]}"
     adapter = model.adapters["default"]
     expected = sum(method.num_parameters(cfg, s) for s in adapter.sites)
+    expected += method.count_shared(cfg, tuple(adapter.sites))
     got = model.num_trainable_parameters()
     assert got == expected, (
         f"{got} trainable parameters, but the formula ({method.formula}) gives {expected} "

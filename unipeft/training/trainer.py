@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..features.optim import lr_scales
 from . import data as _data
 from ._util import append_metrics, find_delta_model, progress_bar, to_device, truncate_metrics
 from .checkpoint import (
@@ -160,7 +161,8 @@ class Trainer:
 
     def _param_groups(self, model: nn.Module) -> list[tuple[float, list[Tensor]]]:
         """(learning rate, parameters) of each optimizer group: ``lr`` for the parameters
-        that no name of ``group_lr`` covers, then one group per name."""
+        that no name of ``group_lr`` covers (times the multipliers deltas ask for with
+        ``lr_scale``, :func:`unipeft.param_groups`), then one group per name."""
         group_lr = self.config.group_lr
         groups: dict[str | None, list[Tensor]] = {None: [], **{n: [] for n in group_lr}}
         for name, p in model.named_parameters():
@@ -174,7 +176,13 @@ class Trainer:
                 "use module names from model.named_parameters()"
             )
         rates = {None: self.config.lr, **group_lr}
-        return [(rates[n], ps) for n, ps in groups.items() if ps]
+        out = [(rates[n], ps) for n, ps in groups.items() if ps and n is not None]
+        scales = lr_scales(model)  # what deltas ask for (LoRA+'s B): on the base rate only
+        by_scale: dict[float, list[Tensor]] = {}
+        for p in groups[None]:
+            by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+        base = [(self.config.lr * s, ps) for s, ps in sorted(by_scale.items())]
+        return base + out
 
     def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, list[float]]:
         """AdamW over the trainable parameters, and each group's peak learning rate."""
