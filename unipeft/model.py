@@ -22,7 +22,7 @@ from .contract.plan import BASE, SHARED, AdapterPlan, adapter_name_refusal
 from .contract.sites import Site
 from .runtime import checks
 from .runtime.hosts import HostTable
-from .runtime.ledger import MergeLedger
+from .runtime.ledger import MergeLedger, sync_residuals
 from .runtime.registry import Registry, registry
 from .runtime.shared import BackwardTrigger, backward_trigger
 from .runtime.state import AdapterState, Attachment, Routing
@@ -268,6 +268,7 @@ class DeltaModel(nn.Module):
         self._adapters[adapter_name] = adapter
         if not self._state.active:
             self._state.active = (adapter_name,)
+            self._sync()
         if self._structure_map is None:
             self._structure_map = plan.structure_map
         _WRAPPED[self.base_model] = self
@@ -339,6 +340,10 @@ class DeltaModel(nn.Module):
                 "making them inactive"
             )
         self._state.active = names
+        self._sync()
+
+    def _sync(self) -> None:
+        sync_residuals(self._ledger, self._state, self._adapters.values())
 
     def list_adapters(self) -> list[dict[str, Any]]:
         """One row per adapter: name, method, family, targets, sites, parameters, state."""
@@ -401,10 +406,12 @@ class DeltaModel(nn.Module):
         self._ledger.unmerge(remerge)
         previous = self._state.enabled
         self._state.enabled = False
+        self._sync()
         try:
             yield
         finally:
             self._state.enabled = previous
+            self._sync()
             self._ledger.merge(remerge)
 
     @contextlib.contextmanager
@@ -414,10 +421,12 @@ class DeltaModel(nn.Module):
         CLIP's ``encode_image``; ``model(..., adapter_names=[...])`` does the same."""
         self._check_live()
         self._state.routing = self._routing(adapter_names)
+        self._sync()
         try:
             yield
         finally:
             self._state.routing = None
+            self._sync()
 
     def _routing(self, adapter_names: Sequence[str]) -> Routing:
         names = checks.sample_names(adapter_names)
@@ -505,6 +514,7 @@ class DeltaModel(nn.Module):
         self._check_live()
         self.unmerge()
         self._state.active = ()
+        self._sync()
         for name in list(self._adapters):
             self._remove_adapter(name)
         if self._requires_grad is not None:

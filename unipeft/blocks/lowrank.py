@@ -36,6 +36,13 @@ class LowRankConfig(DeltaConfig):
         "kaiming",
         description="init of A; B always starts at zero, so the adapter is the identity at init",
     )
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        gt=0,
+        le=1024,
+        description="LoRA+ (Hayou et al., 2024): B learns this many times faster than A "
+        "(unipeft.param_groups and the Trainer apply it; 16 is the paper's usual choice)",
+    )
 
 
 def low_rank_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -126,16 +133,25 @@ class LowRankDelta(ReparameterizedDelta):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        lr_ratio: float = 1.0,
     ) -> None:
         super().__init__(shape)
         self.r = r
+        self.lr_ratio = lr_ratio
         self.scaling = low_rank_scaling(alpha, r, use_rslora)
         self.A, self.B = low_rank_factors(shape, r, init)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @classmethod
     def from_config(cls, config: LowRankConfig, shape: ProjectionShape) -> LowRankDelta:
-        return cls(shape, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+        return cls(
+            shape, config.r, config.alpha, config.dropout, config.use_rslora, config.init,
+            config.loraplus_lr_ratio,
+        )  # fmt: skip
+
+    def lr_scale(self) -> dict[str, float]:
+        """LoRA+: ``B`` at ``lr_ratio`` times the learning rate of ``A``."""
+        return {"B": self.lr_ratio} if self.lr_ratio != 1.0 else {}
 
     @property
     def drops(self) -> bool:

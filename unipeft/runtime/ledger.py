@@ -5,18 +5,25 @@ bf16). Instead the ledger keeps a pristine copy of every base tensor it touches 
 delta is merged into it, and rebuilds the tensor from that copy whenever the set of merged
 deltas changes. When the last delta leaves, the copy is written back and dropped, so the
 weights are the original bits after any number of merge/unmerge cycles.
+
+The same copies hold **residuals**: a delta that defines ``residual(weight, bias)`` (LoRA
+initialised with PiSSA or OLoRA: ``W - s·B₀A₀``) keeps that part of its function in the
+weights while it runs alone on them (:meth:`MergeLedger.hold_residuals`; its
+``residual_in_base`` attribute says whether it is there now). A rebuild applies the
+residuals first, then the merged deltas, so taking either out is exact too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..contract.sites import ModuleSite
-from .state import Attachment
+from .state import AdapterState, Attachment
 
 
 @dataclass(eq=False)
@@ -27,6 +34,7 @@ class _Record:
     pristine_weight: Tensor
     pristine_bias: Tensor | None
     merged: list[Attachment] = field(default_factory=list)
+    residual: list[Attachment] = field(default_factory=list)
     created_bias: bool = False
 
 
@@ -68,6 +76,32 @@ class MergeLedger:
         for rec in touched.values():
             self._rebuild(rec)
 
+    def residuals(self) -> list[Attachment]:
+        return [a for r in self._records.values() for a in r.residual]
+
+    def hold_residuals(self, attachments: Iterable[Attachment]) -> None:
+        """Make the residuals of exactly ``attachments`` live in the weights (others out)."""
+        wanted = {id(a): a for a in attachments}
+        touched: dict[int, _Record] = {}
+        for rec in list(self._records.values()):
+            keep = [a for a in rec.residual if id(a) in wanted]
+            if len(keep) != len(rec.residual):
+                for a in rec.residual:
+                    if id(a) not in wanted:
+                        a.delta.residual_in_base = False  # type: ignore[attr-defined]
+                rec.residual = keep
+                touched[id(rec)] = rec
+        for att in wanted.values():
+            site = att.site
+            assert isinstance(site, ModuleSite)
+            rec = self._record(site)
+            if att not in rec.residual:
+                rec.residual.append(att)
+                touched[id(rec)] = rec
+            att.delta.residual_in_base = True  # type: ignore[attr-defined]
+        for rec in touched.values():
+            self._rebuild(rec)
+
     def _record(self, site: ModuleSite) -> _Record:
         wname, bname = _names(site)
         key = (id(site.module), wname)
@@ -93,11 +127,12 @@ class MergeLedger:
             bias.data.copy_(rec.pristine_bias)
         elif rec.created_bias and bias is not None:
             bias.data.zero_()
-        for att in rec.merged:
+        for att, residual in [(a, True) for a in rec.residual] + [(a, False) for a in rec.merged]:
             site = att.site
             assert isinstance(site, ModuleSite)
             weight, bias_view = site.weight_views()
-            new_w, new_b = att.delta.merged(weight, bias_view)
+            fold = att.delta.residual if residual else att.delta.merged  # type: ignore[attr-defined]
+            new_w, new_b = fold(weight, bias_view)
             weight.copy_(new_w.to(weight.dtype))
             if new_b is None:
                 continue
@@ -112,7 +147,7 @@ class MergeLedger:
             param = getattr(module, name, None)
             if isinstance(param, Tensor):
                 torch.autograd.graph.increment_version(param)
-        if not rec.merged:
+        if not rec.merged and not rec.residual:
             if rec.created_bias:
                 del module._parameters[rec.bias_name]
                 module.register_parameter(rec.bias_name, None)
@@ -125,3 +160,18 @@ class MergeLedger:
         bias = torch.zeros(n_out, dtype=w.dtype, device=w.device)
         setattr(rec.module, rec.bias_name, nn.Parameter(bias, requires_grad=False))
         rec.created_bias = True
+
+
+def sync_residuals(ledger: MergeLedger, state: AdapterState, adapters: Iterable[Any]) -> None:
+    """Hold in the weights the residuals of the deltas that run alone now: those of active
+    adapters while adapters are enabled and no mixed batch runs (in a mixed batch, or
+    disabled, every residual is out and such deltas add it back themselves)."""
+    held: list[Attachment] = []
+    if state.enabled and state.routing is None:
+        by_name = {a.name: a for a in adapters}
+        for name in state.active:
+            for att in by_name[name].attachments:
+                if callable(getattr(att.delta, "residual", None)):
+                    held.append(att)
+    if held or ledger.residuals():
+        ledger.hold_residuals(held)

@@ -4,10 +4,13 @@ of a PEFT directory, where PEFT's prompt tuning puts its tokens, and the shape o
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
 
 from ...contract.errors import LoadError
-from ...contract.sites import ModuleSite, SequenceSite
+from ...contract.sites import ModuleSite, SequenceSite, Site
 from ...runtime.registry import registry
 from ...runtime.targets import all_sites
 
@@ -23,6 +26,27 @@ _FIELD_MAP = (
     "PEFT's r, lora_alpha, lora_dropout, use_rslora and num_virtual_tokens become unipeft's "
     "r, alpha, dropout, use_rslora and num_tokens"
 )
+
+
+@dataclass
+class LoadPlan:
+    """Everything a load needs, computed and checked before the backbone is touched."""
+
+    method: str
+    config: dict[str, Any]
+    targets: list[str]
+    sites: list[Site]
+    states: dict[str, dict[str, Tensor]]  # site name (or SHARED) -> the module's state dict
+    notes: list[str] = field(default_factory=list)  # UserWarnings to emit on success
+
+
+def supported_text() -> str:
+    """The PEFT types unipeft converts, for messages."""
+    from .codec import registered_types
+
+    extra = [t for t in registered_types() if t not in SUPPORTED_PEFT_TYPES]
+    return ", ".join(["LORA", "IA3", "PROMPT_TUNING", *extra])
+
 
 _ENCODER_NOTE = (
     "PEFT prepends its soft tokens at position 0 (before {cls}) and keeps them in its "

@@ -27,13 +27,14 @@ from ...contract.errors import LoadError
 from .._format import dtype_name, need_object, read_json, schema_message
 from ..saving import live_config
 from ._peft_common import (
-    _SUPPORTED_TEXT,
     CONFIG_FILE,
     PICKLE_FILE,
     SUPPORTED_PEFT_TYPES,
     TMP_PREFIX,
     WEIGHTS_FILE,
+    supported_text,
 )
+from .codec import codec_for_type
 
 _Names = list[StrictStr] | StrictStr | None
 _Number = StrictInt | StrictFloat
@@ -121,12 +122,13 @@ def check_config(path: Path, config: Any) -> dict[str, Any]:
             f"{peft_type!r} is refused (accepted: a string, one of "
             f"{', '.join(SUPPORTED_PEFT_TYPES)}); it has no 'peft_type' string"
         )
-    if peft_type.upper() not in _SCHEMAS:
+    codec = codec_for_type(peft_type)
+    if peft_type.upper() not in _SCHEMAS and codec is None:
         raise LoadError(
             f"{path}: PEFT type {peft_type!r} (field peft_type) cannot be converted to unipeft: "
-            f"unipeft.features.interop.peft supports {_SUPPORTED_TEXT}"
+            f"unipeft.features.interop.peft supports {supported_text()}"
         )
-    schema = _SCHEMAS[peft_type.upper()]
+    schema = _SCHEMAS.get(peft_type.upper(), _Modules)
     try:
         schema.model_validate(config)
     except ValidationError as exc:
@@ -170,7 +172,18 @@ def read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"{weights_path} is not a readable safetensors file ({exc}); it is truncated or "
             "corrupt: copy or save the adapter again"
         ) from None
+    codec = codec_for_type(config["peft_type"])
+    integer = codec.integer_parts if codec is not None else frozenset()
+    suffixes = {k for k, part in codec.module_keys.items() if part in integer} if codec else set()
+    whole = {k for k, part in codec.shared_keys.items() if part in integer} if codec else set()
     for key, tensor in sorted(tensors.items()):
+        if key in whole or any(key.endswith("." + s) for s in suffixes):
+            if tensor.is_floating_point() or tensor.is_complex():
+                raise LoadError(
+                    f"{weights_path}: tensor {key!r} is {dtype_name(tensor.dtype)}; PEFT's "
+                    f"{codec.peft_type} stores integer indices there"  # type: ignore[union-attr]
+                )
+            continue
         if not tensor.is_floating_point():
             raise LoadError(
                 f"{weights_path}: tensor {key!r} is {dtype_name(tensor.dtype)}; a PEFT adapter's "

@@ -28,7 +28,6 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,33 +41,34 @@ from ...model import DeltaModel
 from ...runtime.registry import registry
 from ._peft_common import (
     _FIELD_MAP,
-    _SUPPORTED_TEXT,
     CONFIG_FILE,
     PREFIX,
     SUPPORTED_PEFT_TYPES,
     WEIGHTS_FILE,
+    LoadPlan,
     _encoder_note,
     _ia3_shape,
     _sequence_site,
+    supported_text,
 )
 from ._peft_read import read as _read
-from ._peft_save import _EXPORTERS, _write
+from ._peft_save import (
+    _EXPORTERS,
+    _all_conv1d,
+    _common_config,
+    _export_sites,
+    _target_modules,
+    _write,
+)
+from .codec import codec_for_method, codec_for_type
+from .codec import registered_types as types
 
 __all__ = ["CONFIG_FILE", "SUPPORTED_PEFT_TYPES", "WEIGHTS_FILE", "load", "save"]
 
 PathLike = str | os.PathLike
 
 
-@dataclass
-class _Plan:
-    """Everything a load needs, computed and checked before the backbone is touched."""
-
-    method: str
-    config: dict[str, Any]
-    targets: list[str]
-    sites: list[Site]
-    states: dict[str, dict[str, Tensor]]  # site name -> the delta's state dict
-    notes: list[str] = field(default_factory=list)  # UserWarnings to emit on success
+_Plan = LoadPlan
 
 
 # =================================================================================== load
@@ -117,13 +117,25 @@ def _plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor
         "PROMPT_TUNING": _plan_prompt_tuning,
     }
     planner = planners.get(peft_type)
-    if planner is None:
+    codec = codec_for_type(peft_type) if planner is None else None
+    if planner is None and codec is None:
         raise LoadError(
             f"PEFT type {config['peft_type']!r} cannot be converted to unipeft: "
-            f"unipeft.features.interop.peft supports {_SUPPORTED_TEXT}"
+            f"unipeft.features.interop.peft supports {supported_text()}"
         )
     if not tensors:
         raise LoadError(f"{WEIGHTS_FILE} holds no tensors; the adapter directory is incomplete")
+    if codec is not None:
+        from . import _peft_codec
+
+        plan = _peft_codec.plan(
+            backbone, codec, config, tensors,
+            group=_group_keys, find_sites=_module_sites, projection=_projection,
+        )  # fmt: skip
+        known = _COMMON_KEYS | _peft_codec.SELECTION_KEYS | codec.known_fields
+        plan.notes.extend(_unknown_fields(peft_type, config, known))
+        return plan
+    assert planner is not None
     plan = planner(backbone, config, tensors)
     plan.notes.extend(_unknown_fields(peft_type, config))
     return plan
@@ -238,9 +250,13 @@ def _check_lora_config(config: dict[str, Any]) -> None:
             raise LoadError(f"this LORA config has {name}={value!r}; PEFT writes a number there")
 
 
-def _unknown_fields(peft_type: str, config: dict[str, Any]) -> list[str]:
+def _unknown_fields(
+    peft_type: str, config: dict[str, Any], known: Iterable[str] | None = None
+) -> list[str]:
     """Fields from newer PEFT versions: a warning, rather than refusing harmless defaults."""
-    known = {"LORA": _LORA_KNOWN, "IA3": _IA3_KNOWN, "PROMPT_TUNING": _PROMPT_KNOWN}[peft_type]
+    if known is None:
+        known = {"LORA": _LORA_KNOWN, "IA3": _IA3_KNOWN, "PROMPT_TUNING": _PROMPT_KNOWN}[peft_type]
+    known = set(known)
     unknown = sorted(n for n in config if n not in known and _is_set(config[n]))
     if not unknown:
         return []
@@ -515,13 +531,26 @@ def save(
         )
     adapter = model.get_adapter(adapter_name)
     exporter = _EXPORTERS.get(adapter.method.id)
-    if exporter is None:
+    codec = codec_for_method(adapter.method.id) if exporter is None else None
+    if exporter is None and codec is None:
+        methods = sorted({*_EXPORTERS, *(c.method for c in map(codec_for_type, types()) if c)})
         raise AdapterError(
             f"adapter {adapter_name!r} uses method {adapter.method.id!r}, which PEFT cannot "
             f"load as an equivalent adapter; unipeft.features.interop.peft exports "
-            f"{', '.join(sorted(_EXPORTERS))}"
+            f"{', '.join(methods)}"
         )
-    config, tensors, notes = exporter(model, adapter, task_type)
+    if codec is not None:
+        from . import _peft_codec
+
+        config, tensors = _peft_codec.export(
+            model, adapter, codec, whole_sites=_export_sites,
+            common=_common_config(model, codec.peft_type, task_type),
+            target_modules=_target_modules, fan_in_fan_out=_all_conv1d,
+        )  # fmt: skip
+        notes: list[str] = []
+    else:
+        assert exporter is not None
+        config, tensors, notes = exporter(model, adapter, task_type)
     _write(Path(path), config, tensors)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)

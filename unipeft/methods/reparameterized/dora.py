@@ -193,7 +193,9 @@ def _finish(squares: Tensor) -> Tensor:
 
 def _build(cfg: DoraConfig, site: Site) -> DoraDelta:
     assert isinstance(site, ModuleSite)
-    return DoraDelta(site, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+    delta = DoraDelta(site, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init)
+    delta.lr_ratio = cfg.loraplus_lr_ratio
+    return delta
 
 
 def _count(cfg: DoraConfig, site: Site) -> int:

@@ -7,10 +7,11 @@ live in :mod:`.fast`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from ....blocks import (
@@ -24,10 +25,19 @@ from ....contract.deltas import ProjectionShape
 from ....contract.method import Method
 from ....contract.sites import Site
 from . import fast
+from .residual import ResidualLoraDelta
 
 
 class LoraConfig(LowRankConfig):
-    """LoRA's fields are exactly the low-rank fields."""
+    """The low-rank fields; ``init`` also takes the initialisations that start from the
+    weight itself (PiSSA, OLoRA: :mod:`.residual`)."""
+
+    init: Literal["kaiming", "gaussian", "orthogonal", "pissa", "olora"] = Field(
+        "kaiming",
+        description="kaiming / gaussian / orthogonal: init of A with B at zero; pissa / olora: "
+        "A and B from the weight's first r singular (PiSSA) or QR (OLoRA) directions, the "
+        "residual left in the weight; every one is the identity at init",
+    )
 
 
 class LoraDelta(LowRankDelta):
@@ -102,8 +112,13 @@ class LoraDelta(LowRankDelta):
         return fast.mixed_batch(deltas, x, y, slots, cache)
 
 
-def _build(cfg: LoraConfig, site: Site) -> LoraDelta:
-    return LoraDelta.from_config(cfg, ProjectionShape.of(site))  # type: ignore[return-value,arg-type]
+def _build(cfg: LoraConfig, site: Site) -> LowRankDelta:
+    if cfg.init in ("pissa", "olora"):
+        return ResidualLoraDelta(
+            site,  # type: ignore[arg-type]
+            cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.init, cfg.loraplus_lr_ratio,
+        )  # fmt: skip
+    return LoraDelta.from_config(cfg, ProjectionShape.of(site))  # type: ignore[arg-type]
 
 
 def _count(cfg: LoraConfig, site: Site) -> int:
