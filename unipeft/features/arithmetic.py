@@ -455,6 +455,19 @@ def _params_plan(
     ``named_parameters`` order), combined by :func:`ties` / :func:`dare` and split back.
     Buffers must be equal in every source and are copied. The config is the first source's.
     """
+    first = sources[0].adapter
+    residual = any(
+        callable(getattr(_delta(model, src, site), "residual", None))
+        for src in sources
+        for site in sites
+    )
+    if first.shared is not None or residual:
+        what = "tensors shared by all its sites" if first.shared is not None else "a residual"
+        raise AdapterError(
+            f"how={how!r} combines parameters site by site, and method {first.method.id!r} "
+            f"(adapter {first.name!r}) keeps {what} in its function; use how='svd' (the "
+            "weighted sum of the dense weight changes, as a LoRA adapter)"
+        )
     gen = torch.Generator().manual_seed(seed)
     states = {}
     for site in sites:
@@ -469,7 +482,6 @@ def _params_plan(
         else:
             merged = dare(flat, w, density, gen)
         states[site.name] = _unflatten(merged, deltas[0], names)
-    first = sources[0].adapter
     return AdapterPlan(
         first.method, first.config, tuple(sites), tuple(first.targets), states, model.structure_map
     )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ...contract.errors import AdapterError
@@ -98,7 +99,13 @@ def _target_modules(backbone: nn.Module, paths: list[str]) -> list[str] | str:
 
 
 def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
-    sites = _export_sites(adapter, "lora")
+    """LoRA, DoRA (``use_dora``), and LoRA started by PiSSA/OLoRA as the plain LoRA of rank
+    ``2r`` it equals: ``[B, −B₀] [A; A₀]`` with alpha doubled (``√2``× with rsLoRA), so that
+    the scale ``alpha / r`` is unchanged."""
+    sites = _export_sites(adapter, adapter.method.id)
+    dora = adapter.method.id == "dora"
+    cfg = adapter.config
+    residual = getattr(cfg, "init", None) in ("pissa", "olora")
     tensors: dict[str, Tensor] = {}
     for site in sites:
         assert site.weight is not None
@@ -109,15 +116,24 @@ def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> 
             )
         delta = adapter.delta_at(site)
         a, b = delta.A.detach(), delta.B.detach()
+        if residual:
+            a = torch.cat([a, delta.A0.detach().to(a.dtype)])  # type: ignore[operator]
+            b = torch.cat([b, -delta.B0.detach().to(b.dtype)], dim=1)  # type: ignore[operator]
         ones = [1] * len(site.weight.kernel_size)
         tensors[f"{PREFIX}{site.path}.lora_A.weight"] = a
         tensors[f"{PREFIX}{site.path}.lora_B.weight"] = b.reshape(*b.shape, *ones)
-    cfg = adapter.config
+        if dora:
+            m = delta.magnitude.detach()  # type: ignore[union-attr]
+            shape = (1, m.shape[0], *ones) if site.weight.layout == "conv" else (m.shape[0],)
+            tensors[f"{PREFIX}{site.path}.lora_magnitude_vector"] = m.reshape(shape)
     alpha = cfg.alpha  # type: ignore[attr-defined]
+    r = cfg.r  # type: ignore[attr-defined]
+    if residual:
+        r, alpha = 2 * r, alpha * (2**0.5 if cfg.use_rslora else 2)  # type: ignore[attr-defined]
     config = _common_config(model, "LORA", task_type)
     config.update(
         {
-            "r": cfg.r,  # type: ignore[attr-defined]
+            "r": r,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
             "use_rslora": cfg.use_rslora,  # type: ignore[attr-defined]
             "lora_dropout": cfg.dropout,  # type: ignore[attr-defined]
@@ -125,7 +141,7 @@ def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> 
             "fan_in_fan_out": _all_conv1d(sites),
             "bias": "none",
             "init_lora_weights": True,
-            "use_dora": False,
+            "use_dora": dora,
             "rank_pattern": {},
             "alpha_pattern": {},
             "layers_to_transform": None,
@@ -193,6 +209,7 @@ def _export_prompt_tuning(model: DeltaModel, adapter: Adapter, task_type: str | 
 
 _EXPORTERS: dict[str, Callable[[DeltaModel, Adapter, str | None], _Export]] = {
     "lora": _export_lora,
+    "dora": _export_lora,
     "ia3": _export_ia3,
     "prompt_tuning": _export_prompt_tuning,
 }

@@ -165,8 +165,6 @@ _MODULES_TO_SAVE = (
 )
 
 _LORA_REFUSED = {
-    "use_dora": "DoRA adds a magnitude vector that unipeft's lora does not have. Merge it with "
-    "PEFT's merge_and_unload() and use the merged weights, or train without DoRA",
     "bias": "the adapter changes the backbone's biases, which unipeft's lora leaves alone. "
     "Train with bias='none'",
     "lora_bias": "the adapter has a bias on lora_B, which unipeft's lora does not have. "
@@ -208,6 +206,7 @@ _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 _LORA_KNOWN = {
     *_LORA_REFUSED,
+    "use_dora",  # read as unipeft's dora
     *_COMMON_KEYS,
     "r",
     "lora_alpha",
@@ -348,6 +347,16 @@ def _check_shape(path: str, tensor_name: str, got: Tensor, want: tuple[int, ...]
         )
 
 
+def _check_numel(path: str, tensor_name: str, got: Tensor, n: int) -> None:
+    """A vector stored in any shape with ``n`` elements along one dimension."""
+    if got.numel() != n or max(got.shape, default=1) != n:
+        raise LoadError(
+            f"module {path!r}: tensor {tensor_name} has shape {tuple(got.shape)} in the "
+            f"checkpoint but this backbone needs {n} values; the adapter was trained on a "
+            "backbone of another size"
+        )
+
+
 def _projection(site: Site, path: str, method: str) -> ModuleSite:
     """``site`` as a whole-module projection, or an error that says why it is not one."""
     if not isinstance(site, ModuleSite) or site.weight is None or site.weight.layout == "mha_in":
@@ -370,21 +379,30 @@ def _projection(site: Site, path: str, method: str) -> ModuleSite:
 def _plan_lora(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> _Plan:
     _check_lora_config(config)
     r = int(config["r"])
-    groups = _group_keys("LORA", tensors, {"lora_A.weight": "A", "lora_B.weight": "B"})
+    dora = bool(config.get("use_dora"))
+    suffixes = {"lora_A.weight": "A", "lora_B.weight": "B"}
+    if dora:
+        suffixes["lora_magnitude_vector"] = "magnitude"
+    groups = _group_keys("LORA", tensors, suffixes)
     sites = _module_sites(backbone, groups, config)
     states: dict[str, dict[str, Tensor]] = {}
     for site in sites:
         proj = _projection(site, site.name, "lora")
         parts = groups[site.name]
-        for part in ("A", "B"):
+        for part in ("A", "B", "magnitude") if dora else ("A", "B"):
             if part not in parts:
+                key = "lora_magnitude_vector" if part == "magnitude" else f"lora_{part}.weight"
                 raise LoadError(
-                    f"module {site.name!r} has no lora_{part}.weight in {WEIGHTS_FILE}; the file "
-                    "is incomplete"
+                    f"module {site.name!r} has no {key} in {WEIGHTS_FILE}"
+                    + (" although the config sets use_dora" if part == "magnitude" else "")
+                    + "; the file is incomplete"
                 )
         states[site.name] = _lora_state(proj, r, parts["A"], parts["B"])
+        if dora:
+            _check_numel(site.name, "lora_magnitude_vector", parts["magnitude"], site.features)
+            states[site.name]["magnitude"] = parts["magnitude"].reshape(site.features)
     return _Plan(
-        method="lora",
+        method="dora" if dora else "lora",
         config={
             "r": r,
             "alpha": float(config["lora_alpha"]),
