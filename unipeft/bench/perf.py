@@ -17,7 +17,10 @@ Sections:
 * mixed batch: 8 adapters loaded, sample ``i`` through adapter ``i``, against the same
   model's single-adapter forward;
 * open_clip: LoRA on the image tower's ``nn.MultiheadAttention`` against the plain tower;
-* apply: ``unipeft.apply`` against ``peft.get_peft_model``.
+* apply: ``unipeft.apply`` against ``peft.get_peft_model``;
+* catalogue: the training step and peak memory of VeRA, LoHa, LoKr, OFT, BOFT, AdaLoRA and
+  (IA)³ on every linear layer, each library holding the same adapter
+  (:mod:`unipeft.bench.perf_catalogue`).
 
 This module holds the training, inference, mixed-batch and apply sections and the run;
 :mod:`unipeft.bench.perf_clip` and :mod:`unipeft.bench.perf_graphs` the open_clip and
@@ -46,6 +49,7 @@ from torch import nn
 
 import unipeft
 
+from .perf_catalogue import catalogue_section
 from .perf_clip import _clip_section
 from .perf_graphs import _graph_section
 from .perf_report import _ratio, report_sections
@@ -508,6 +512,7 @@ def _measure(
             "mixed": _mixed_section,
             "apply": _apply_section,
             "cuda_graphs": _graph_section,
+            "catalogue": catalogue_section,
         }
         if set(llama_sections) & set(cfg.sections):
             say(f"building the Llama ({cfg.profile} configuration, {cfg.device})")

@@ -221,6 +221,27 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
         ]
         sections.append(Section("CUDA graphs (device time), Llama", "floor / base", rows))
 
+    if "train_step_catalogue" in figs:
+        rows = []
+        for method, f in figs["train_step_catalogue"]["methods"].items():
+            if "note" in f:
+                rows.append(Row(method, "failed", to_ref=f["note"][:60]))
+                continue
+            rows.append(
+                Row(method, _ms(f["unipeft_ms"]), _ms(f["peft_ms"]), _x(f["unipeft_to_peft"]))
+            )
+            if f["unipeft_peak_gib"] is not None:
+                rows.append(
+                    Row(
+                        "  peak memory",
+                        _gb(f["unipeft_peak_gib"]),
+                        _gb(f["peft_peak_gib"]),
+                        _x(f["peak_unipeft_to_peft"]),
+                    )
+                )
+            rows.append(Row("  max |Δ output|", f"{f['max_abs_diff']:.1e}"))
+        sections.append(Section("catalogue training step, Llama, all linear", "", rows))
+
     if "apply_time" in figs:
         f = figs["apply_time"]
         rows = [

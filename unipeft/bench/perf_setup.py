@@ -78,6 +78,7 @@ class PerfConfig:
         "open_clip",
         "apply",
         "cuda_graphs",  # CUDA only
+        "catalogue",
     )
     threads: int | None = None  # CPU intra-op threads; None: 1 on the CPU, torch's default on CUDA
 
@@ -596,5 +597,4 @@ def _frozen_floor(model: nn.Module) -> nn.Module:
 
 
 def _randomised(model: DeltaModel, cfg: PerfConfig) -> DeltaModel:
-    _randomise(model, ADAPTER, cfg.seed)
-    return model
+    return _randomise(model, ADAPTER, cfg.seed) or model
