@@ -44,10 +44,10 @@ CATALOGUE: dict[str, dict[str, Any]] = {
     "vera": {"r": 256},
     "loha": {"r": 16, "alpha": 32.0},
     "lokr": {"r": 16, "alpha": 32.0},
-    "oft": {"block_size": 32},
-    "boft": {"block_size": 8, "n_butterfly_factor": 2},
+    "oft": {"oft_block_size": 32},
+    "boft": {"boft_block_size": 8, "boft_n_butterfly_factor": 2},
     "adalora": {"init_r": 12, "target_r": 8, "total_step": 1000, "tinit": 10, "tfinal": 10},
-    "ia3": {},
+    "ia3": {},  # feed-forward (input-side) scaling on mlp.down, output-side elsewhere
 }
 
 
@@ -64,8 +64,6 @@ def _pair(work: Workload, cfg: PerfConfig, method: str, fields: dict[str, Any]) 
     """unipeft's adapter and PEFT's copy of it, both trainable."""
     peft = require_peft()
     targets = work.all_linear.unipeft
-    if method == "ia3":
-        fields = {**fields, "targets": targets}
     um = unipeft.apply(copy.deepcopy(work.model), method, targets=targets, **fields)
     _randomise(um.deltas, cfg.seed)
     with tempfile.TemporaryDirectory() as folder:

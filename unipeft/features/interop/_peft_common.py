@@ -42,7 +42,7 @@ class LoadPlan:
 
 def supported_text() -> str:
     """The PEFT types unipeft converts, for messages."""
-    from .codec import registered_types
+    from .codecs import registered_types
 
     extra = [t for t in registered_types() if t not in SUPPORTED_PEFT_TYPES]
     return ", ".join(["LORA", "IA3", "PROMPT_TUNING", *extra])

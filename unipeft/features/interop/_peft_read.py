@@ -34,7 +34,7 @@ from ._peft_common import (
     WEIGHTS_FILE,
     supported_text,
 )
-from .codec import codec_for_type
+from .codecs import codec_for_type
 
 _Names = list[StrictStr] | StrictStr | None
 _Number = StrictInt | StrictFloat

@@ -27,7 +27,7 @@ from ...contract.sites import ModuleSite
 if TYPE_CHECKING:
     from ...model import Adapter
 
-__all__ = ["PeftCodec", "PeftSite", "codec_for_method", "codec_for_type", "register_codec"]
+__all__ = ["PeftCodec", "PeftSite"]
 
 
 @dataclass(frozen=True)
@@ -87,44 +87,3 @@ class PeftCodec:
     a whole projection module (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d)."""
     integer_parts: frozenset[str] = frozenset()
     """Parts stored as integer tensors (indices); every other tensor must be floating."""
-
-
-_BY_TYPE: dict[str, PeftCodec] = {}
-_BY_METHOD: dict[str, PeftCodec] = {}
-
-
-def register_codec(codec: PeftCodec) -> None:
-    """Make ``codec`` the converter of its PEFT type and of its unipeft method."""
-    if not isinstance(codec, PeftCodec):
-        raise TypeError(f"register_codec takes a PeftCodec, got {type(codec).__name__}")
-    _BY_TYPE[codec.peft_type.upper()] = codec
-    _BY_METHOD[codec.method] = codec
-
-
-def codec_for_type(peft_type: str) -> PeftCodec | None:
-    _load_builtin()
-    return _BY_TYPE.get(peft_type.upper())
-
-
-def codec_for_method(method: str) -> PeftCodec | None:
-    _load_builtin()
-    return _BY_METHOD.get(method)
-
-
-def registered_types() -> list[str]:
-    _load_builtin()
-    return sorted(_BY_TYPE)
-
-
-_LOADED = False
-
-
-def _load_builtin() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from . import codecs
-
-        for codec in codecs.CODECS:
-            _BY_TYPE.setdefault(codec.peft_type.upper(), codec)
-            _BY_METHOD.setdefault(codec.method, codec)

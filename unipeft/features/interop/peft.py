@@ -60,8 +60,8 @@ from ._peft_save import (
     _target_modules,
     _write,
 )
-from .codec import codec_for_method, codec_for_type
-from .codec import registered_types as types
+from .codecs import codec_for_method, codec_for_type
+from .codecs import registered_types as types
 
 __all__ = ["CONFIG_FILE", "SUPPORTED_PEFT_TYPES", "WEIGHTS_FILE", "load", "save"]
 
