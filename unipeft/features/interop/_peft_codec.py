@@ -177,5 +177,7 @@ def export(
             "layers_pattern": None,
         }
     )
+    for name in codec.absent_fields:
+        config.pop(name, None)
     config.update(codec.config_out(adapter))
     return config, tensors

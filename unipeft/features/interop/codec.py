@@ -85,5 +85,9 @@ class PeftCodec:
     site_refusal: Callable[[ModuleSite], str | None] | None = None
     """Why PEFT's type cannot adapt this module (None if it can). By default a site must be
     a whole projection module (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d)."""
+    absent_fields: frozenset[str] = frozenset()
+    """Module-selection fields the writer adds by default (``fan_in_fan_out``,
+    ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``) that this type's PEFT
+    config does not have: they are left out, or PEFT warns about unexpected arguments."""
     integer_parts: frozenset[str] = frozenset()
     """Parts stored as integer tensors (indices); every other tensor must be floating."""
