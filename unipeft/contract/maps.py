@@ -104,6 +104,8 @@ def weight_ref(module: nn.Module) -> WeightRef | None:
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         if module.groups != 1 or (isinstance(module.padding, str) and module.padding != "valid"):
             return None
+        if module.padding_mode != "zeros":  # a delta's convolution would pad with zeros
+            return None
         args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
         return WeightRef(
             "conv",
