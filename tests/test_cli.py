@@ -92,8 +92,9 @@ def test_list_unknown_family() -> None:
 # --------------------------------------------------------------------------- plugins
 
 
-needs_ia3 = pytest.mark.skipif(
-    "ia3" not in unipeft.registry().methods, reason="the unipeft-ia3 plugin is not installed"
+needs_lora_fa = pytest.mark.skipif(
+    "lora_fa" not in unipeft.registry().methods,
+    reason="the example plugin unipeft-lora-fa is not installed",
 )
 
 
@@ -109,14 +110,14 @@ def test_plugins_json_names_builtin() -> None:
     assert report["failures"] == []
 
 
-@needs_ia3
-def test_plugins_json_names_ia3() -> None:
+@needs_lora_fa
+def test_plugins_json_names_lora_fa() -> None:
     plugins = {p["name"]: p for p in run_json("plugins")["plugins"]}
-    ia3 = plugins["ia3"]
-    assert ia3["distribution"] == "unipeft-ia3"
-    assert ia3["methods"] == ["ia3"]
-    assert ia3["hooks"] == ["register_methods"]
-    assert ia3["structure_maps"] == []
+    lora_fa = plugins["lora_fa"]
+    assert lora_fa["distribution"] == "unipeft-lora-fa"
+    assert lora_fa["methods"] == ["lora_fa"]
+    assert lora_fa["hooks"] == ["register_methods"]
+    assert lora_fa["structure_maps"] == []
 
 
 def test_plugins_table() -> None:
@@ -127,11 +128,11 @@ def test_plugins_table() -> None:
     assert "No plugin failed." in result.stdout
 
 
-@needs_ia3
-def test_plugins_table_shows_ia3() -> None:
+@needs_lora_fa
+def test_plugins_table_shows_lora_fa() -> None:
     result = run("plugins")
     assert result.exit_code == 0, result.output
-    assert "unipeft-ia3" in result.stdout
+    assert "unipeft-lora-fa" in result.stdout
 
 
 class _BrokenPlugin:

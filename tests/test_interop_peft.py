@@ -29,9 +29,6 @@ from unipeft.testing.backbones import BACKBONES  # noqa: E402
 
 ATOL = 1e-5
 P = 3  # soft tokens
-needs_ia3 = pytest.mark.skipif(
-    "ia3" not in unipeft.registry().methods, reason="the unipeft-ia3 plugin is not installed"
-)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -73,7 +70,7 @@ def fan_in_fan_out(name: str) -> bool:
 
 
 LORA_ROLES = ("attn.q", "attn.v", "mlp.up")
-IA3_ROLES = ("attn.k", "attn.v", "mlp.up")  # the ia3 plugin's default targets
+IA3_ROLES = ("attn.k", "attn.v", "mlp.up")  # scaled on their output side
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +209,6 @@ def test_lora_conv_round_trip(tmp_path: Path) -> None:
     close(loaded(x), expected)
 
 
-@needs_ia3
 def test_ia3_conv_round_trip(tmp_path: Path) -> None:
     """Conv (IA)^3: PEFT's ia3_l is ``(1, out, 1, 1)``, unipeft's l ``(out,)``."""
     torch.manual_seed(0)
@@ -289,7 +285,6 @@ def test_prompt_tuning_on_encoders_loads_with_a_warning(fresh, tmp_path: Path) -
 # ----------------------------------------------------------------------------- (IA)^3
 
 
-@needs_ia3
 @pytest.mark.parametrize("arch", TEXT)
 def test_ia3_from_peft(arch: str, fresh, tmp_path: Path) -> None:
     config = peft.IA3Config(
@@ -304,7 +299,6 @@ def test_ia3_from_peft(arch: str, fresh, tmp_path: Path) -> None:
     close(run(model), expected)
 
 
-@needs_ia3
 @pytest.mark.parametrize("arch", TEXT)
 def test_ia3_to_peft(arch: str, fresh, tmp_path: Path) -> None:
     targets = [rf".*\.{t}" for t in peft_names(arch, IA3_ROLES)]
@@ -410,10 +404,9 @@ def test_unknown_config_field_warns(lora_dir, fresh) -> None:
         interop.load(fresh("llama"), lora_dir)
 
 
-def test_other_peft_types_are_refused(fresh, tmp_path: Path) -> None:
-    loha = tmp_path / "loha"
-    peft_save(fresh("llama"), peft.LoHaConfig(r=2, target_modules=["q_proj"]), loha)
-    error = expect_load_error(fresh("llama"), loha, "'LOHA'", "LORA", "IA3", "PROMPT_TUNING")
+def test_other_peft_types_are_refused(lora_dir, fresh, tmp_path: Path) -> None:
+    edit_config(lora_dir, peft_type="POLY")
+    error = expect_load_error(fresh("llama"), lora_dir, "'POLY'", "LORA", "IA3", "LOHA", "VERA")
     assert "supports" in str(error)
     prefix = tmp_path / "prefix"
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
@@ -421,9 +414,9 @@ def test_other_peft_types_are_refused(fresh, tmp_path: Path) -> None:
     expect_load_error(fresh("llama"), prefix, "'PREFIX_TUNING'")
 
 
-def test_adalora_is_refused(lora_dir, fresh) -> None:
-    edit_config(lora_dir, peft_type="ADALORA")
-    expect_load_error(fresh("llama"), lora_dir, "'ADALORA'", "supports")
+def test_a_lora_folder_relabelled_adalora_is_refused(lora_dir, fresh) -> None:
+    edit_config(lora_dir, peft_type="ADALORA")  # AdaLoRA's modules also need lora_E
+    expect_load_error(fresh("llama"), lora_dir, "ADALORA")
 
 
 def test_shape_mismatch_names_module_tensor_and_shapes(fresh, tmp_path: Path) -> None:
@@ -535,23 +528,11 @@ def test_failed_load_into_existing_model_keeps_its_adapters(lora_dir, fresh) -> 
     assert list(model.adapters) == ["default"]
 
 
-@needs_ia3
-def test_ia3_feedforward_is_refused(fresh, tmp_path: Path) -> None:
-    config = peft.IA3Config(
-        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
-    )
-    peft_save(fresh("llama"), config, tmp_path)
-    expect_load_error(
-        fresh("llama"), tmp_path, "feedforward_modules", "input-side", "not supported yet"
-    )
-
-
-@needs_ia3
-def test_ia3_without_plugin_says_how_to_install(monkeypatch, fresh, tmp_path: Path) -> None:
+def test_ia3_without_the_method_says_so(monkeypatch, fresh, tmp_path: Path) -> None:
     config = peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[])
     peft_save(fresh("llama"), config, tmp_path)
     monkeypatch.delitem(unipeft.registry().methods, "ia3")
-    expect_load_error(fresh("llama"), tmp_path, "pip install unipeft-ia3")
+    expect_load_error(fresh("llama"), tmp_path, "PEFT type IA3 needs unipeft's", "ia3")
 
 
 def test_prompt_tuning_shape_mismatch(fresh, tmp_path: Path) -> None:
@@ -572,7 +553,7 @@ def test_save_refuses_slices(fresh, tmp_path: Path) -> None:
 
 def test_save_refuses_other_methods(fresh, tmp_path: Path) -> None:
     model = unipeft.apply(fresh("llama"), "bottleneck_adapter", targets=["mlp"])
-    with pytest.raises(AdapterError, match="ia3, lora, prompt_tuning"):
+    with pytest.raises(AdapterError, match="exports adalora, boft, .*, ia3, .*, lora, .*vera"):
         interop.save(model, tmp_path)
 
 

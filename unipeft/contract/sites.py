@@ -113,8 +113,9 @@ class ModuleSite:
         A site is mergeable when it runs on its module's own input (no ``entry``) and the
         module has a ``weight``, and that weight is either a projection's (``weight`` is
         set: Linear, ``Conv1D``, Conv, a slice of a fused projection) or an affine norm's
-        1-D scale (``role == "norm"``, or an ``nn.LayerNorm``, ``nn.GroupNorm`` or batch
-        norm). :meth:`DeltaModule.merged` then receives :meth:`weight_views` of it."""
+        1-D scale (``role == "norm"``, or an ``nn.LayerNorm``, ``nn.GroupNorm``,
+        ``nn.RMSNorm``, a Hugging Face ``*RMSNorm`` or a batch norm).
+        :meth:`DeltaModule.merged` then receives :meth:`weight_views` of it."""
         if self.entry is not None or self.parameter("weight") is None:
             return (
                 f"site {self.name!r} ({self.role or 'module'}) has no weight to fold the delta into"
@@ -188,4 +189,10 @@ Site = ModuleSite | SequenceSite
 
 
 def _is_affine(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._NormBase)
+    if isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.RMSNorm):
+        return True
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return True
+    # Hugging Face's RMS norms (LlamaRMSNorm...) are their own classes with a 1-D scale
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("RMSNorm") and getattr(weight, "ndim", 0) == 1

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ...contract.errors import LoadError
-from ...contract.sites import ModuleSite, SequenceSite, Site
+from ...contract.sites import SequenceSite, Site
 from ...runtime.registry import registry
 from ...runtime.targets import all_sites
 
@@ -20,7 +20,7 @@ PICKLE_FILE = "adapter_model.bin"
 TMP_PREFIX = ".unipeft-peft-"  # the exporter's temporary folders, beside the files
 PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
-_SUPPORTED_TEXT = "LORA, IA3 (with the unipeft-ia3 plugin) and PROMPT_TUNING"
+_SUPPORTED_TEXT = "LORA (with use_dora), IA3 and PROMPT_TUNING"
 _DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _FIELD_MAP = (
     "PEFT's r, lora_alpha, lora_dropout, use_rslora and num_virtual_tokens become unipeft's "
@@ -75,11 +75,3 @@ def _encoder_note(backbone: nn.Module, site: SequenceSite, verb: str) -> str:
     return _ENCODER_NOTE.format(
         cls="[CLS]", cls_name=type(backbone).__name__, index=site.index, verb=verb
     )
-
-
-def _ia3_shape(site: ModuleSite) -> tuple[int, ...]:
-    """PEFT's output-side ``ia3_l`` shape: ``(out, 1)``, on a conv ``(1, out, 1, ...)``."""
-    assert site.weight is not None
-    if site.weight.layout == "conv":
-        return (1, site.features, *([1] * len(site.weight.kernel_size)))
-    return (site.features, 1)

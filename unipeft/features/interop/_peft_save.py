@@ -24,7 +24,6 @@ from ._peft_common import (
     TMP_PREFIX,
     WEIGHTS_FILE,
     _encoder_note,
-    _ia3_shape,
 )
 
 _Export = tuple[dict[str, Any], dict[str, Tensor], list[str]]
@@ -151,30 +150,6 @@ def _export_lora(model: DeltaModel, adapter: Adapter, task_type: str | None) -> 
     return config, tensors, []
 
 
-def _export_ia3(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
-    sites = _export_sites(adapter, "ia3")
-    tensors: dict[str, Tensor] = {}
-    for site in sites:
-        assert site.weight is not None
-        if site.weight.layout == "conv" and len(site.weight.kernel_size) == 1:
-            raise AdapterError(
-                f"site {site.name!r} is an nn.Conv1d, which PEFT's (IA)^3 does not adapt "
-                "(it takes nn.Linear, nn.Conv2d, nn.Conv3d and GPT-2 Conv1D)"
-            )
-        delta = adapter.delta_at(site)
-        tensors[f"{PREFIX}{site.path}.ia3_l"] = delta.l.detach().reshape(_ia3_shape(site))
-    config = _common_config(model, "IA3", task_type)
-    config.update(
-        {
-            "target_modules": _target_modules(model.base_model, [s.path for s in sites]),
-            "feedforward_modules": [],
-            "fan_in_fan_out": _all_conv1d(sites),
-            "init_ia3_weights": True,
-        }
-    )
-    return config, tensors, []
-
-
 def _export_prompt_tuning(model: DeltaModel, adapter: Adapter, task_type: str | None) -> _Export:
     sites = adapter.sites
     site = sites[0] if len(sites) == 1 else None
@@ -210,7 +185,6 @@ def _export_prompt_tuning(model: DeltaModel, adapter: Adapter, task_type: str | 
 _EXPORTERS: dict[str, Callable[[DeltaModel, Adapter, str | None], _Export]] = {
     "lora": _export_lora,
     "dora": _export_lora,
-    "ia3": _export_ia3,
     "prompt_tuning": _export_prompt_tuning,
 }
 

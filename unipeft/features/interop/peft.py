@@ -1,8 +1,10 @@
 """Read and write Hugging Face PEFT adapter directories.
 
 PEFT's ``save_pretrained`` is the format most published adapters use, so unipeft reads it
-(:func:`load`) and writes it (:func:`save`) for the methods whose function both libraries
-compute the same way: LoRA (rsLoRA included), (IA)^3 on projection outputs, and prompt tuning.
+(:func:`load`) and writes it (:func:`save`) for every method whose function both libraries
+compute the same way. LoRA (rsLoRA, DoRA), and prompt tuning are converted here; every other
+type through its :class:`~unipeft.features.interop.codec.PeftCodec`
+(:mod:`unipeft.features.interop.codecs`: (IA)^3, LoHa, LoKr, OFT, BOFT, VeRA, AdaLoRA...).
 
 A PEFT directory holds ``adapter_config.json`` (``peft_type`` and the method's fields) and
 ``adapter_model.safetensors``, whose keys name modules by their path in the model that
@@ -10,7 +12,7 @@ A PEFT directory holds ``adapter_config.json`` (``peft_type`` and the method's f
 
     base_model.model.<module path>.lora_A.weight   (r, in[, *kernel])
     base_model.model.<module path>.lora_B.weight   (out, r[, 1, ...])
-    base_model.model.<module path>.ia3_l           (out, 1), or (1, out, 1, 1) on a Conv2d
+    base_model.model.<module path>.lora_magnitude_vector   (out,) with use_dora
     prompt_embeddings                              (num_virtual_tokens, token_dim)
 
 The tensor keys, not ``target_modules``, decide where an adapter goes: they are what PEFT
@@ -47,7 +49,6 @@ from ._peft_common import (
     WEIGHTS_FILE,
     LoadPlan,
     _encoder_note,
-    _ia3_shape,
     _sequence_site,
     supported_text,
 )
@@ -113,7 +114,6 @@ def _plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor
     peft_type = config["peft_type"].upper()
     planners: dict[str, Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], _Plan]] = {
         "LORA": _plan_lora,
-        "IA3": _plan_ia3,
         "PROMPT_TUNING": _plan_prompt_tuning,
     }
     planner = planners.get(peft_type)
@@ -254,7 +254,7 @@ def _unknown_fields(
 ) -> list[str]:
     """Fields from newer PEFT versions: a warning, rather than refusing harmless defaults."""
     if known is None:
-        known = {"LORA": _LORA_KNOWN, "IA3": _IA3_KNOWN, "PROMPT_TUNING": _PROMPT_KNOWN}[peft_type]
+        known = {"LORA": _LORA_KNOWN, "PROMPT_TUNING": _PROMPT_KNOWN}[peft_type]
     known = set(known)
     unknown = sorted(n for n in config if n not in known and _is_set(config[n]))
     if not unknown:
@@ -434,52 +434,6 @@ def _lora_state(site: ModuleSite, r: int, a: Tensor, b: Tensor) -> dict[str, Ten
     _check_shape(site.name, "lora_A.weight", a, want_a)
     _check_shape(site.name, "lora_B.weight", b, want_b)
     return {"A": a, "B": b.reshape(site.features, r)}
-
-
-# ----------------------------------------------------------------------------- (IA)^3
-
-_IA3_KNOWN = {
-    *_COMMON_KEYS,
-    "target_modules",
-    "exclude_modules",
-    "feedforward_modules",
-    "fan_in_fan_out",
-    "modules_to_save",
-    "init_ia3_weights",
-}
-
-
-def _plan_ia3(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]) -> _Plan:
-    if "ia3" not in registry().methods:
-        raise LoadError(
-            "PEFT type IA3 needs unipeft's ia3 method, which its plugin distribution provides: "
-            "pip install unipeft-ia3 (from a unipeft checkout: pip install -e plugins/unipeft-ia3)"
-        )
-    _refuse("IA3", config, {"modules_to_save": _MODULES_TO_SAVE})
-    groups = _group_keys("IA3", tensors, {"ia3_l": "l"})
-    sites = _module_sites(backbone, groups, config)
-    states: dict[str, dict[str, Tensor]] = {}
-    for site in sites:
-        if _is_feedforward(config.get("feedforward_modules"), site.name):
-            raise LoadError(
-                f"module {site.name!r} is one of the adapter's feedforward_modules, whose (IA)^3 "
-                "scales the module's INPUT; unipeft's ia3 scales outputs, and input-side (IA)^3 "
-                "is not supported yet. Train with feedforward_modules=[] to convert the adapter"
-            )
-        proj = _projection(site, site.name, "ia3")
-        tensor = groups[site.name]["l"]
-        _check_shape(site.name, "ia3_l", tensor, _ia3_shape(proj))
-        states[site.name] = {"l": tensor.reshape(-1)}
-    return _Plan("ia3", {}, [re.escape(s.name) for s in sites], sites, states)
-
-
-def _is_feedforward(feedforward: Any, path: str) -> bool:
-    """PEFT's rule: a string is a full-match regex, a list holds plain name suffixes."""
-    if not _is_set(feedforward):
-        return False
-    if isinstance(feedforward, str):
-        return re.fullmatch(feedforward, path) is not None
-    return any(path.endswith(f) for f in feedforward)
 
 
 # ----------------------------------------------------------------------------- prompt tuning

@@ -1,4 +1,4 @@
-"""Unit tests for the (IA)^3 plugin, on tiny randomly initialised models (no downloads)."""
+"""Unit tests for the LoRA-FA plugin, on tiny randomly initialised models (no downloads)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor, nn
-from unipeft_ia3 import METHOD, Ia3Config, Ia3Delta
+from unipeft_lora_fa import METHOD, LoraFaConfig, LoraFaDelta
 
 import unipeft
 
@@ -78,8 +78,14 @@ def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
         return [t.clone() for t in _tensors(model(*inputs))]
 
 
-def _scales(model: unipeft.DeltaModel) -> list[Ia3Delta]:
-    return [m for m in model.modules() if isinstance(m, Ia3Delta)]
+def _deltas(model: unipeft.DeltaModel) -> list[LoraFaDelta]:
+    return [m for m in model.modules() if isinstance(m, LoraFaDelta)]
+
+
+def _perturb(model: unipeft.DeltaModel) -> None:
+    with torch.no_grad():
+        for delta in _deltas(model):
+            delta.B.normal_()
 
 
 @pytest.fixture(autouse=True)
@@ -92,64 +98,77 @@ def _seed() -> None:
 
 def test_discovered_through_entry_point() -> None:
     methods = {m.id: m for m in unipeft.list_methods()}
-    assert "ia3" in methods
-    assert methods["ia3"].distribution == "unipeft-ia3"
-    assert methods["ia3"].family == "additive"
-    assert methods["ia3"].mergeable
-    assert not [f for f in unipeft.plugin_failures() if f.distribution == "unipeft-ia3"]
+    assert "lora_fa" in methods
+    assert methods["lora_fa"].distribution == "unipeft-lora-fa"
+    assert methods["lora_fa"].family == "reparameterized"
+    assert methods["lora_fa"].mergeable
+    assert methods["lora_fa"].budget_field == "r"
+    assert not [f for f in unipeft.plugin_failures() if f.distribution == "unipeft-lora-fa"]
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(unipeft.ConfigError, match="init"):
-        Ia3Config.parse("ia3", {"init": 0.0})
+    with pytest.raises(unipeft.ConfigError, match="'r'"):
+        LoraFaConfig.parse("lora_fa", {"r": 0})
+    with pytest.raises(unipeft.ConfigError, match="'init'"):
+        LoraFaConfig.parse("lora_fa", {"init": "zeros"})
     with pytest.raises(unipeft.ConfigError, match="unknown field"):
-        Ia3Config.parse("ia3", {"rank": 4})
-    assert METHOD.is_identity_at_init(Ia3Config())
-    assert not METHOD.is_identity_at_init(Ia3Config(init=0.5))
+        LoraFaConfig.parse("lora_fa", {"rank": 4})
+
+
+def test_rank_above_the_projection_is_refused() -> None:
+    backbone, _ = _bert()
+    with pytest.raises(unipeft.ConfigError, match="r=33"):
+        unipeft.apply(backbone, "lora_fa", r=33)
 
 
 # --------------------------------------------------------------------------- behaviour
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_identity_at_init_and_parameter_count(name: str) -> None:
+def test_identity_at_init_and_only_b_trains(name: str) -> None:
     backbone, inputs = BACKBONES[name]()
     backbone.eval()
     before = _run(backbone, inputs)
-    model = unipeft.apply(backbone, "ia3")
+    model = unipeft.apply(backbone, "lora_fa", r=2)
     adapter = model.adapters["default"]
-    roles = {site.role for site in adapter.sites}
-    assert roles == {"attn.k", "attn.v", "mlp.up"}
+    assert {site.role for site in adapter.sites} == {"attn.q", "attn.v"}
     expected = sum(METHOD.num_parameters(adapter.config, s) for s in adapter.sites)
     assert model.num_trainable_parameters() == expected == adapter.num_parameters()
+    for delta in _deltas(model):
+        assert [n for n, _ in delta.named_parameters()] == ["B"]
+        assert "A" in dict(delta.named_buffers()) and not delta.A.requires_grad
     for a, b in zip(before, _run(model, inputs), strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
-def test_scales_only_the_targeted_slice_of_fused_qkv() -> None:
+def test_gradient_reaches_b_and_a_stays_put() -> None:
     backbone, inputs = _timm_vit()
+    model = unipeft.apply(backbone, "lora_fa", r=2)
+    _perturb(model)
+    frozen = [d.A.clone() for d in _deltas(model)]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(*inputs).pow(2).mean().backward()
+    assert all(d.B.grad is not None and d.B.grad.abs().sum() > 0 for d in _deltas(model))
+    opt.step()
+    assert all(torch.equal(d.A, a) for d, a in zip(_deltas(model), frozen, strict=True))
+
+
+def test_same_function_as_lora_with_the_same_factors() -> None:
+    backbone, inputs = _bert()
     backbone.eval()
-    model = unipeft.apply(backbone, "ia3", targets=["attn.v"])
-    assert len(model.deltas["default"]) == 2  # attn.v of each of the two blocks
+    lora = unipeft.apply(backbone, "lora", r=2, alpha=3.0, adapter_name="lora")
+    lora.add_adapter("fa", "lora_fa", r=2, alpha=3.0)
     with torch.no_grad():
-        for delta in _scales(model):
-            delta.l.fill_(2.0)
-
-    # registered after unipeft's hook, so this one sees the adapted output of the qkv Linear
-    seen: list[Tensor] = []
-    qkv = backbone.blocks[0].attn.qkv
-    handle = qkv.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
-    with model.disable():
-        _run(model, inputs)
-    _run(model, inputs)
-    handle.remove()
-
-    base, adapted = seen
-    q, k, v = base.chunk(3, dim=-1)
-    aq, ak, av = adapted.chunk(3, dim=-1)
-    assert torch.equal(aq, q) and torch.equal(ak, k)
-    torch.testing.assert_close(av, 2 * v, atol=1e-6, rtol=0)
-    assert not torch.allclose(v, av)
+        for site in lora.adapters["fa"].sites:
+            fa, ref = lora.adapters["fa"].delta_at(site), lora.adapters["lora"].delta_at(site)
+            fa.B.normal_()
+            ref.A.copy_(fa.A)
+            ref.B.copy_(fa.B)
+    lora.set_active("lora")
+    expected = _run(lora, inputs)
+    lora.set_active("fa")
+    for a, b in zip(expected, _run(lora, inputs), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -157,61 +176,29 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(name: str) -> None:
     backbone, inputs = BACKBONES[name]()
     backbone.eval()
     original = {n: p.detach().clone() for n, p in backbone.state_dict().items()}
-    model = unipeft.apply(backbone, "ia3")
-    with torch.no_grad():
-        for delta in _scales(model):
-            delta.l.uniform_(0.5, 1.5)
+    model = unipeft.apply(backbone, "lora_fa", r=2)
+    _perturb(model)
     unmerged = _run(model, inputs)
-    with model.disable():
-        plain = _run(model, inputs)
-    assert not all(torch.allclose(a, b) for a, b in zip(plain, unmerged, strict=True))
-
     model.merge()
-    assert model.merged
-    changed = [n for n, p in backbone.state_dict().items() if not torch.equal(p, original[n])]
-    assert changed, "merging should have rescaled some weights"
     for a, b in zip(unmerged, _run(model, inputs), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-
     model.unmerge()
-    state = backbone.state_dict()
-    assert state.keys() == original.keys()
-    for n, p in state.items():
+    for n, p in backbone.state_dict().items():
         assert torch.equal(p, original[n]), f"{n} not restored bit-exactly"
-    for a, b in zip(unmerged, _run(model, inputs), strict=True):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
-def test_non_unit_init_and_save_load_round_trip(tmp_path) -> None:
+def test_save_load_restores_the_frozen_a(tmp_path) -> None:
     backbone, inputs = _bert()
     backbone.eval()
-    model = unipeft.apply(backbone, "ia3", init=0.5, targets=["attn.v"])
-    assert all(torch.equal(d.l, torch.full_like(d.l, 0.5)) for d in _scales(model))
-    with torch.no_grad():
-        for delta in _scales(model):
-            delta.l.uniform_(0.5, 1.5)
+    model = unipeft.apply(backbone, "lora_fa", r=2, targets=["attn.v"])
+    _perturb(model)
     expected = _run(model, inputs)
     model.save(str(tmp_path))
 
-    torch.manual_seed(0)
+    torch.manual_seed(123)  # another A would be drawn: the file's must win
     fresh, _ = _bert()
     fresh.load_state_dict(model.base_model.state_dict())
     fresh.eval()
     loaded = unipeft.load(fresh, str(tmp_path))
-    assert loaded.adapters["default"].config == Ia3Config(init=0.5)
     for a, b in zip(expected, _run(loaded, inputs), strict=True):
         torch.testing.assert_close(b, a, atol=0, rtol=0)
-
-
-def test_conv_channel_dim_and_merge_without_bias() -> None:
-    """The scale broadcasts along dim 1 of a conv output and merges into (out, in, k, k)."""
-    conv = nn.Conv2d(3, 4, 3, bias=False)
-    delta = Ia3Delta(4, init=1.0, channel_dim=1)
-    with torch.no_grad():
-        delta.l.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
-    x = torch.randn(2, 3, 8, 8)
-    y = conv(x)
-    new_w, new_b = delta.merged(conv.weight.detach(), None)
-    assert new_b is None
-    expected = torch.nn.functional.conv2d(x, new_w)
-    torch.testing.assert_close(delta(x, y), expected, atol=1e-5, rtol=1e-5)
