@@ -79,6 +79,7 @@ def _state_out(adapter: Adapter, site: ModuleSite) -> dict[str, Tensor]:
 CODECS = (
     PeftCodec(
         method="delora",
+        absent_fields=frozenset({"fan_in_fan_out"}),
         peft_type="DELORA",
         module_keys={
             "delora_A": "A",

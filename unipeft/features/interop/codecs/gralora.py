@@ -70,6 +70,7 @@ def _state_out(adapter: Adapter, site: ModuleSite) -> dict[str, Tensor]:
 CODECS = (
     PeftCodec(
         method="gralora",
+        absent_fields=frozenset({"exclude_modules"}),
         peft_type="GRALORA",
         module_keys={
             "gralora_A": "A",
