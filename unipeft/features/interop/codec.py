@@ -82,6 +82,9 @@ class PeftCodec:
     """``(peft_config, config, shared parts) -> the state dict of the adapter's shared module``."""
     shared_out: Callable[[Adapter], dict[str, Tensor]] | None = None
     """``adapter -> {part: tensor}`` for :attr:`shared_keys`."""
+    shared_optional: bool = False
+    """The shared tensors may be missing from a folder (PEFT's ``save_projection=False``):
+    the method's shared module then draws them from the config's seed, as PEFT does."""
     site_refusal: Callable[[ModuleSite], str | None] | None = None
     """Why PEFT's type cannot adapt this module (None if it can). By default a site must be
     a whole projection module (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d)."""

@@ -87,6 +87,8 @@ def _shared_out(adapter: Adapter) -> dict[str, Tensor]:
 CODECS = (
     PeftCodec(
         method="randlora",
+        shared_optional=True,
+        absent_fields=frozenset({"exclude_modules"}),
         peft_type="RANDLORA",
         module_keys={
             "randlora_lambda": "lam",

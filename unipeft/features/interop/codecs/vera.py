@@ -109,6 +109,8 @@ def _shared_out(adapter: Adapter) -> dict[str, Tensor]:
 CODECS = (
     PeftCodec(
         method="vera",
+        shared_optional=True,
+        absent_fields=frozenset({"exclude_modules"}),
         peft_type="VERA",
         module_keys={"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"},
         shared_keys={"base_model.vera_A": "A", "base_model.vera_B": "B"},
