@@ -74,6 +74,7 @@ EXPECTED = {
     "mixed_batch",
     "open_clip_mha_lora",
     "apply_time",
+    "train_step_catalogue",
 }
 
 
@@ -104,6 +105,8 @@ def _times(fig: dict[str, Any]) -> dict[str, float]:
 
 def test_every_figure_is_positive(result: dict[str, Any]) -> None:
     for name, fig in result["figures"].items():
+        if name == "train_step_catalogue":  # one row per method: its own test below
+            continue
         times = _times(fig)
         assert times, name
         for key, value in times.items():
@@ -293,3 +296,16 @@ def test_cuda_graph_section_captures_every_variant() -> None:
     assert infer["unipeft_to_base"] == pytest.approx(infer["unipeft_ms"] / infer["base_ms"])
     titles = [s.title for s in perf.report_sections(out)]
     assert "CUDA graphs (device time), Llama" in titles
+
+
+def test_catalogue_section_compares_the_same_adapters(result: dict[str, Any]) -> None:
+    rows = result["figures"]["train_step_catalogue"]["methods"]
+    assert set(rows) == {"vera", "loha", "lokr", "oft", "boft", "adalora", "ia3"}
+    for method, row in rows.items():
+        assert "note" not in row, f"{method}: {row.get('note')}"
+        assert row["unipeft_ms"] > 0 and row["peft_ms"] > 0
+        assert row["unipeft_trainable"] == row["peft_trainable"], method
+        assert row["adapter_effect"] > 1e-4, f"{method}: the adapter changes nothing"
+        assert row["max_abs_diff"] < 1e-4, f"{method}: the libraries disagree"
+    titles = [s.title for s in perf.report_sections(result)]
+    assert "catalogue training step, Llama, all linear" in titles

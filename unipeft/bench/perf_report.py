@@ -239,7 +239,13 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
                         _x(f["peak_unipeft_to_peft"]),
                     )
                 )
-            rows.append(Row("  max |Δ output|", f"{f['max_abs_diff']:.1e}"))
+            rows.append(
+                Row(
+                    "  max |Δ output| (adapter's effect)",
+                    f"{f['max_abs_diff']:.1e}",
+                    f"({f['adapter_effect']:.1e})",
+                )
+            )
         sections.append(Section("catalogue training step, Llama, all linear", "", rows))
 
     if "apply_time" in figs:
