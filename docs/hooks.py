@@ -17,8 +17,10 @@ than publish a taxonomy without it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -198,7 +200,14 @@ def render_method(m: unipeft.Method) -> str:
         f"| mergeable | {_yes(m.mergeable)} |",
         f"| identity at init | {_identity(m)} |",
         f"| budget field | {_budget(m)} |",
+        f"| shares tensors across sites | {_shares(m)} |",
+        f"| Hugging Face PEFT equivalent | {_peft_equivalent(m)} |",
         "",
+    ]
+    about = _about(m)
+    if about:
+        lines += ["## What it computes", "", about, ""]
+    lines += [
         "## Trainable parameters",
         "",
         f"{_escape(m.formula)}",
@@ -251,6 +260,106 @@ def render_method(m: unipeft.Method) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _about(m: unipeft.Method) -> str:
+    """The docstring of the module that builds the method's deltas (formula, paper, PEFT
+    equivalent, refused sites), as the method's author wrote it."""
+    module = sys.modules.get(getattr(m.build, "__module__", "") or "")
+    doc = inspect.getdoc(module) if module is not None else None
+    return doc or ""
+
+
+def _shares(m: unipeft.Method) -> str:
+    if m.shared is None:
+        return "no: every site's delta is its own"
+    doc = inspect.getdoc(m.shared)
+    what = f" ({_escape(doc.splitlines()[0])})" if doc else ""
+    return (
+        "yes: one shared module per adapter" + what + ", saved once; its trainable part is "
+        "counted once"
+    )
+
+
+PEFT_BUILT_IN = {"lora": "`LORA`", "dora": "`LORA` with `use_dora=True`"}
+
+
+def peft_types() -> dict[str, str]:
+    """Method id -> the PEFT type(s) it converts to and from, for every convertible method."""
+    from unipeft.features.interop.codecs import codec_for_type, registered_types
+
+    out = dict(PEFT_BUILT_IN)
+    out.setdefault("prompt_tuning", "`PROMPT_TUNING`")
+    for peft_type in registered_types():
+        codec = codec_for_type(peft_type)
+        if codec is not None:
+            out[codec.method] = f"`{codec.peft_type}`"
+    if "ia3" in unipeft.registry().methods:
+        out.setdefault("ia3", "`IA3`")
+    return out
+
+
+def _peft_equivalent(m: unipeft.Method) -> str:
+    found = peft_types().get(m.id)
+    if found is None:
+        return "none (PEFT has no equivalent adapter type)"
+    return f"{found}: `unipeft.interop.peft.load` and `save` convert both ways"
+
+
+def readme_table() -> str:
+    """README's method table, from the registry."""
+    rows = [
+        "| id | family | mergeable | identity at init | shares tensors | PEFT type |",
+        "|----|--------|-----------|------------------|----------------|-----------|",
+    ]
+    types = peft_types()
+    for m in _methods():
+        name = f"`{m.id}`" + (f" (plugin `{m.distribution}`)" if _is_plugin(m) else "")
+        rows.append(
+            f"| {name} | {m.family} | {_yes(m.mergeable)} | {_identity(m)} "
+            f"| {_yes(m.shared is not None)} | {types.get(m.id, '—')} |"
+        )
+    return "\n".join(rows)
+
+
+def interop_table() -> str:
+    """docs/interop.md's list of every convertible PEFT type, from the registry."""
+    rows = ["| PEFT type | unipeft method |", "|-----------|----------------|"]
+    for method, peft_type in sorted(peft_types().items(), key=lambda kv: kv[1]):
+        rows.append(f"| {peft_type} | `{method}` |")
+    return "\n".join(rows)
+
+
+def methods_overview() -> str:
+    """docs/methods.md's overview: every method with its formula, from the registry."""
+    rows = [
+        "| method | family | sites | mergeable | identity at init | trainable parameters |",
+        "|--------|--------|-------|-----------|------------------|----------------------|",
+    ]
+    for m in _methods():
+        rows.append(
+            f"| [`{m.id}`]({page_path(m.id)}) | {m.family} | {', '.join(m.site_kinds)} "
+            f"| {_yes(m.mergeable)} | {_identity(m)} | {_escape(m.formula)} |"
+        )
+    return "\n".join(rows)
+
+
+_BLOCKS = {
+    "readme-methods": readme_table,
+    "peft-types": interop_table,
+    "methods-overview": methods_overview,
+}
+
+
+def refresh(text: str) -> str:
+    """``text`` with every generated block (``<!-- unipeft:NAME -->`` ...
+    ``<!-- /unipeft:NAME -->``) rewritten from the registry."""
+    for name, make in _BLOCKS.items():
+        pattern = re.compile(
+            rf"(<!-- unipeft:{name} -->\n)(?:.*?\n)?(<!-- /unipeft:{name} -->)", re.DOTALL
+        )
+        text = pattern.sub(lambda mt, make=make: mt.group(1) + make() + "\n" + mt.group(2), text)
+    return text
 
 
 def _default_config(m: unipeft.Method) -> Any | None:
@@ -341,3 +450,14 @@ def _escape(text: str) -> str:
 
 def _linkify(text: str) -> str:
     return _ARXIV.sub(lambda m: f"[arXiv:{m.group(1)}](https://arxiv.org/abs/{m.group(1)})", text)
+
+
+if __name__ == "__main__":  # python docs/hooks.py: rewrite the generated blocks in place
+    root = Path(__file__).resolve().parent.parent
+    for rel in ("README.md", "docs/interop.md", "docs/methods.md"):
+        path = root / rel
+        before = path.read_text(encoding="utf-8")
+        after = refresh(before)
+        if after != before:
+            path.write_text(after, encoding="utf-8")
+            print(f"updated {rel}")

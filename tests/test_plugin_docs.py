@@ -96,8 +96,8 @@ def _env(site: Path) -> dict[str, str]:
 
 
 def test_the_page_defines_its_plugins() -> None:
-    assert set(MODULES) == {"unipeft_vera", "unipeft_normtune", "unipeft_toymap"}
-    assert set(_distributions()) == {"unipeft-vera", "unipeft-normtune", "unipeft-toymap"}
+    assert set(MODULES) == {"unipeft_tiedlora", "unipeft_normtune", "unipeft_toymap"}
+    assert set(_distributions()) == {"unipeft-tiedlora", "unipeft-normtune", "unipeft-toymap"}
     assert len(EXCERPTS) >= 5 and len(SCRIPTS) >= 6
 
 
@@ -132,8 +132,8 @@ def test_the_kit_passes_on_the_pages_plugins(site: Path, tmp_path: Path) -> None
     """The page's methods on its tiny model, and on a fused (GPT-2) and a bias-less-norm
     (Llama) backbone; prompt tuning on the page's token sequence."""
     runs = [
-        ("vera,norm_tune,prompt_tuning", "toy-transformer"),
-        ("vera,norm_tune", "gpt2,llama"),
+        ("tied_lora,norm_tune,prompt_tuning", "toy-transformer"),
+        ("tied_lora,norm_tune", "gpt2,llama"),
     ]
     for methods, backbones in runs:
         result = subprocess.run(
