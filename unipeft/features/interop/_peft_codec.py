@@ -67,7 +67,8 @@ def plan(
         ) from None
     shared_parts = {part: tensors[k] for k, part in codec.shared_keys.items() if k in tensors}
     missing = sorted(k for k in codec.shared_keys if k not in tensors)
-    if missing and len(missing) == len(codec.shared_keys) and codec.shared_optional:
+    redraw = bool(missing) and len(missing) == len(codec.shared_keys) and codec.shared_optional
+    if redraw:
         shared_parts = {}  # drawn again from the config's seed, as PEFT does
     elif missing and codec.shared_keys:
         raise LoadError(
@@ -93,7 +94,7 @@ def plan(
     states: dict[str, dict[str, Tensor]] = {}
     with torch.random.fork_rng(devices=[]):  # probes: leave the RNG as it was
         shared = spec.build_shared(cfg, tuple(sites))
-        if shared is not None and shared_parts:
+        if shared is not None and not redraw:
             if codec.shared_in is None:
                 raise LoadError(f"the {codec.peft_type} codec cannot read shared tensors")
             states[SHARED] = codec.shared_in(config, cfg, shared_parts)

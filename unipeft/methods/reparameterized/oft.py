@@ -52,6 +52,7 @@ input is another module's.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -155,17 +156,30 @@ def divisors(n: int) -> list[int]:
 def skew_symmetric(vec: Tensor, size: int) -> Tensor:
     """``(p, size (size - 1) / 2)`` entries above the diagonal, row by row (the order of
     ``torch.triu_indices(size, size, 1)``) -> ``(p, size, size)`` ``Q`` with ``Qᵀ = -Q``."""
-    rows, cols = torch.triu_indices(size, size, 1, device=vec.device)
+    rows, cols = _upper_indices(size, vec.device)
     upper = vec.new_zeros(vec.shape[0], size, size)
     upper[:, rows, cols] = vec
     return upper - upper.transpose(-1, -2)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_indices(size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The strict upper triangle's indices, made once per size and device (every forward
+    needs them: building them each time costs a kernel launch per site and call)."""
+    rows, cols = torch.triu_indices(size, size, 1, device=device)
+    return rows, cols
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(size, dtype=dtype, device=device)
 
 
 def cayley(q: Tensor, neumann_terms: int | None = None) -> Tensor:
     """Orthogonal ``(..., b, b)`` matrices from skew-symmetric ``q``: the exact Cayley
     transform ``(I - Q)(I + Q)⁻¹`` when ``neumann_terms`` is None, else PEFT's truncated
     series ``I + 2Q + ... + 2Q^(m-2) + Q^(m-1)`` with ``m`` terms (see the module doc)."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    eye = _identity(q.shape[-1], q.dtype, q.device).expand_as(q)
     if neumann_terms is None:
         return torch.linalg.solve(eye + q, eye - q, left=False)
     if neumann_terms == 1:
@@ -311,7 +325,7 @@ class OftDelta(ReparameterizedDelta):
             dw = rotate_blocks(w, r.transpose(-1, -2)) - w
             change = self.shape.project(x, dw.reshape(weight.shape).to(x.dtype))
             return y + change.to(y.dtype)
-        eye = torch.eye(self.block_size, dtype=r.dtype, device=r.device)
+        eye = _identity(self.block_size, r.dtype, r.device)
         u = rotate_blocks(x, (r - eye).to(x.dtype))  # x R - x, without the cancellation
         return y + F.linear(u, weight.to(x.dtype)).to(y.dtype)
 
