@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: set up .venv if needed (unipeft with its test extras
-# and every example plugin under plugins/), then run pytest with the fast hypothesis profile.
+# and every example plugin under plugins/), then run pytest with the fast hypothesis profile,
+# on one worker process per core (pytest-xdist; UNIPEFT_TEST_WORKERS sets another number, 0
+# runs in this process), each with one intra-op thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -17,10 +19,11 @@ done
 export UNIPEFT_STRICT_PLUGINS=1              # a plugin that fails to load is an error
 export UNIPEFT_HYPOTHESIS_PROFILE="${UNIPEFT_HYPOTHESIS_PROFILE:-unipeft-fast}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the workers share the cores: no oversubscription
 
 # pytest exits 5 when it collected no test: report that as a failure, never as a pass
 set +e
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q -n "${UNIPEFT_TEST_WORKERS:-auto}" "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

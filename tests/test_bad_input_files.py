@@ -706,9 +706,9 @@ PEFT: list[Any] = [
     ),
     (
         "peft-type-unknown",
-        edit(PEFT_CONFIG, sets("peft_type", value="LOHA")),
+        edit(PEFT_CONFIG, sets("peft_type", value="POLY")),
         LoadError,
-        [PEFT_CONFIG, "'LOHA'", "LORA", "PROMPT_TUNING"],
+        [PEFT_CONFIG, "'POLY'", "LORA", "PROMPT_TUNING", "LOHA"],
     ),
     (
         "r-string",

@@ -14,6 +14,8 @@ from unipeft.testing.backbones import BACKBONES
 NOT_AT_FIVE_PERCENT = {
     "unipelt": "its gates, adapters and prompt are fixed in size: at lora_r=1 it already "
     "trains 7.7% of the tiny BERT, so no configuration fits the 5% asked here",
+    "vblora": "its vector bank (num_vectors × vector_length, 256 × 256 by default) alone is "
+    "larger than the tiny BERT's 5%",
 }
 
 

@@ -553,7 +553,7 @@ def test_save_refuses_slices(fresh, tmp_path: Path) -> None:
 
 def test_save_refuses_other_methods(fresh, tmp_path: Path) -> None:
     model = unipeft.apply(fresh("llama"), "bottleneck_adapter", targets=["mlp"])
-    with pytest.raises(AdapterError, match="exports adalora, boft, .*, ia3, .*, lora, .*vera"):
+    with pytest.raises(AdapterError, match=r"exports adalora, boft, .*, ia3, .*, lora, .*vera"):
         interop.save(model, tmp_path)
 
 

@@ -199,7 +199,14 @@ def test_list_methods_describes_each_method() -> None:
     assert lora_info["site_kinds"] == ["projection"]
     assert "r ·" in lora_info["formula"] and "2106.09685" in lora_info["paper"]
     assert lora_info["distribution"] == "unipeft"
-    assert set(lora_info["fields"]) == {"r", "alpha", "dropout", "use_rslora", "init"}
+    assert set(lora_info["fields"]) == {
+        "r",
+        "alpha",
+        "dropout",
+        "use_rslora",
+        "init",
+        "loraplus_lr_ratio",
+    }
     assert info["unipelt"]["identity_at_init"] == "depends on config"
     assert unipeft.plugin_manager().get_plugin("builtin") is not None
 

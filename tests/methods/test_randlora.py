@@ -192,7 +192,6 @@ def test_convolutions_are_refused() -> None:
         unipeft.apply(make("vit"), "randlora", targets=["embed"])
 
 
-
 def test_from_peft_without_projections_redraws_them_from_the_seed(tmp_path: Path) -> None:
     base = make("bert")
     theirs = peft_model(copy.deepcopy(base), "bert", save_projection=False)

@@ -291,7 +291,7 @@ METHOD = Method(
     "(k: kernel elements, 1 for Linear)",
     site_kinds=("projection",),
     default_targets=("attn.q", "attn.v"),
-    budget_field="r",
+    budget_field=None,  # the count is not monotonic in r: past half a side a factor is stored whole
     mergeable=True,
     identity_at_init=lambda cfg: cfg.init != "random",
     paper="Yeh et al., Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to "
