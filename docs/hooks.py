@@ -200,6 +200,7 @@ def render_method(m: unipeft.Method) -> str:
         f"| mergeable | {_yes(m.mergeable)} |",
         f"| identity at init | {_identity(m)} |",
         f"| budget field | {_budget(m)} |",
+        f"| refuses at apply | {_escape(m.refuses) or '—'} |",
         f"| shares tensors across sites | {_shares(m)} |",
         f"| Hugging Face PEFT equivalent | {_peft_equivalent(m)} |",
         "",

@@ -63,6 +63,10 @@ class Method:
     shared_parameters: Callable[[Any, tuple[Site, ...]], int] | None = None
     """Trainable parameters of the shared module (the formula's adapter-wide term), given
     the config and the adapter's sites; None when it trains nothing."""
+    refuses: str = ""
+    """In words, what the method refuses at ``apply`` beyond ``site_kinds`` (through
+    ``accepts`` and ``size_check``): site kinds such as convolutions, sizes that do not fit
+    a site. Shown by ``describe()``, ``unipeft list --json`` and the method's page."""
     budget_field: str | None = None
     """The integer config field that sets the method's size (LoRA's ``r``), which the
     budget planner searches; None for methods of fixed size."""
@@ -146,6 +150,7 @@ class Method:
             "summary": self.summary,
             "budget_field": self.budget_field,
             "shares_tensors": self.shared is not None,
+            "refuses": self.refuses,
             "distribution": self.distribution,
             "fields": {
                 name: {

@@ -176,6 +176,7 @@ def _identity(cfg: Ia3Config) -> bool:
 
 METHOD = Method(
     id="ia3",
+    refuses="nothing beyond non-projection sites",
     family="additive",
     config=Ia3Config,
     build=_build,

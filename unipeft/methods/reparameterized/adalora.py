@@ -398,6 +398,7 @@ def _rank_fits(cfg: AdaLoraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="adalora",
+    refuses="nothing beyond non-projection sites",
     family="reparameterized",
     config=AdaLoraConfig,
     build=_build,  # type: ignore[arg-type]

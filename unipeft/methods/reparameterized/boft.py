@@ -341,6 +341,10 @@ def _accepts(cfg: BoftConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="boft",
+    refuses=(
+        "sites that run on another module's input; block sizes and butterfly factors that"
+        " do not fit a site's input width"
+    ),
     family="reparameterized",
     config=BoftConfig,
     build=_build,

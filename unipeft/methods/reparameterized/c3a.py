@@ -162,6 +162,7 @@ def _count(cfg: C3AConfig, site: Site) -> int:
 
 METHOD = Method(
     id="c3a",
+    refuses="convolutions; a block_size that does not divide both widths of a site",
     family="reparameterized",
     config=C3AConfig,
     build=_build,

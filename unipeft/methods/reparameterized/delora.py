@@ -145,6 +145,7 @@ def _size_check(cfg: DeloraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="delora",
+    refuses="convolutions; r above min(d_in, d_out)",
     family="reparameterized",
     config=DeloraConfig,
     build=_build,

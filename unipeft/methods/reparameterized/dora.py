@@ -208,6 +208,7 @@ def _rank_fits(cfg: DoraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="dora",
+    refuses="r above min(d_in · k, d_out) of a site",
     family="reparameterized",
     config=DoraConfig,
     build=_build,

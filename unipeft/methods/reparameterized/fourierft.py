@@ -160,6 +160,7 @@ def _build(cfg: FourierFTConfig, site: Site) -> FourierFTDelta:
 
 METHOD = Method(
     id="fourierft",
+    refuses="convolutions; n_frequency above d_in · d_out of a site",
     family="reparameterized",
     config=FourierFTConfig,
     build=_build,

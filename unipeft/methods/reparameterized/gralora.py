@@ -184,6 +184,9 @@ def _size_check(cfg: GraloraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="gralora",
+    refuses=(
+        "convolutions; gralora_k not dividing both widths; r or hybrid_r above min(d_in, d_out)"
+    ),
     family="reparameterized",
     config=GraloraConfig,
     build=_build,

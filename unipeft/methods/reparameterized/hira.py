@@ -106,6 +106,7 @@ def _rank_fits(cfg: HiraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="hira",
+    refuses="nothing beyond non-projection sites",
     family="reparameterized",
     config=HiraConfig,
     build=_build,

@@ -200,6 +200,7 @@ def _size_check(cfg: HraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="hra",
+    refuses="convolutions padded other than with zeros (not projections); r above d_in · k",
     family="reparameterized",
     config=HraConfig,
     build=_build,

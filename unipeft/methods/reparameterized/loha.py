@@ -238,6 +238,7 @@ def _build(cfg: LohaConfig, site: Site) -> LohaDelta:
 
 METHOD = Method(
     id="loha",
+    refuses="nothing beyond non-projection sites; a rank above what one factor can reach",
     family="reparameterized",
     config=LohaConfig,
     build=_build,

@@ -281,6 +281,7 @@ def _build(cfg: LokrConfig, site: Site) -> LokrDelta:
 
 METHOD = Method(
     id="lokr",
+    refuses="nothing beyond non-projection sites",
     family="reparameterized",
     config=LokrConfig,
     build=_build,

@@ -210,6 +210,10 @@ def _size_check(cfg: MissConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="miss",
+    refuses=(
+        "convolutions; r above d_in (balance, mini), mini_r not dividing d_out, r not "
+        "dividing both widths (bat)"
+    ),
     family="reparameterized",
     config=MissConfig,
     build=_build,

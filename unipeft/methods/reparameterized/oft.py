@@ -447,6 +447,10 @@ def _accepts(cfg: OftConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="oft",
+    refuses=(
+        "sites that run on another module's input; a block size that does not divide a "
+        "site's input width"
+    ),
     family="reparameterized",
     config=OftConfig,
     build=_build,

@@ -228,6 +228,7 @@ def _accepts(cfg: RandLoraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="randlora",
+    refuses="convolutions (PEFT's RandLoRA adapts linear layers only)",
     family="reparameterized",
     config=RandLoraConfig,
     build=_build,  # type: ignore[arg-type]

@@ -189,6 +189,7 @@ def _size_check(cfg: RoadConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="road",
+    refuses="convolutions; a group_size that does not divide a site's output width",
     family="reparameterized",
     config=RoadConfig,
     build=_build,

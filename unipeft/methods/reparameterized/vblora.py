@@ -186,6 +186,7 @@ def _size_check(cfg: VBLoraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="vblora",
+    refuses="convolutions; a vector_length that does not divide both widths of a site",
     family="reparameterized",
     config=VBLoraConfig,
     build=_build,  # type: ignore[arg-type]

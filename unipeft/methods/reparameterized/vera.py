@@ -167,6 +167,7 @@ def _accepts(cfg: VeraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="vera",
+    refuses="convolutions (PEFT's VeRA adapts linear layers only); every other projection is taken",
     family="reparameterized",
     config=VeraConfig,
     build=_build,  # type: ignore[arg-type]

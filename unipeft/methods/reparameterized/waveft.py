@@ -271,6 +271,7 @@ def _build(cfg: WaveFTConfig, site: Site) -> WaveFTDelta:
 
 METHOD = Method(
     id="waveft",
+    refuses="convolutions; n_frequency above d_in · d_out of a site",
     family="reparameterized",
     config=WaveFTConfig,
     build=_build,

@@ -183,6 +183,10 @@ def _accepts(cfg: LnTuningConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="ln_tuning",
+    refuses=(
+        "modules other than affine LayerNorm / RMSNorm (GroupNorm, batch norms, channels-"
+        "first norms, norms without a weight, RMS norms with a bias)"
+    ),
     family="selective",
     config=LnTuningConfig,
     build=_build,

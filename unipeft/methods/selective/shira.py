@@ -149,6 +149,7 @@ def _size(cfg: ShiraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="shira",
+    refuses="r · (d_in · k + d_out) above the weight's number of entries",
     family="selective",
     config=ShiraConfig,
     build=_build,

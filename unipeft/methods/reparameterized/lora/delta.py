@@ -131,6 +131,7 @@ def _rank_fits(cfg: LoraConfig, site: Site) -> str | None:
 
 METHOD = Method(
     id="lora",
+    refuses="r above min(d_in · k, d_out) of a site",
     family="reparameterized",
     config=LoraConfig,
     build=_build,
