@@ -17,6 +17,11 @@ peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
+from _parity import base as _base  # noqa: E402
+from _parity import close_and_moved as _close  # noqa: E402
+from _parity import max_diff as _diff  # noqa: E402
+from _parity import run as _run  # noqa: E402
+
 import unipeft  # noqa: E402
 from unipeft.features.interop import peft as interop  # noqa: E402
 from unipeft.methods.reparameterized.delora import DeloraDelta  # noqa: E402
@@ -30,50 +35,6 @@ CASES = {
     ),
     "vit": (["qkv", "fc1"], [r"blocks\.\d+\.attn\.qkv", r"blocks\.\d+\.mlp\.fc1"]),
 }
-
-
-def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=100,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-        )  # fmt: skip
-        return transformers.GPT2Model(cfg).eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=5,
-    ).eval()  # fmt: skip
-
-
-def _run(model: nn.Module, kind: str) -> Tensor:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        if kind == "vit":
-            return model(torch.randn(2, 3, 32, 32, generator=g))
-        return model(input_ids=torch.randint(0, 100, (2, 7), generator=g)).last_hidden_state
-
-
-def _diff(a: Tensor, b: Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
-
-
-def _close(a: Tensor, b: Tensor, base: Tensor, what: str) -> float:
-    """``a`` and ``b`` agree at float32 tolerance, and both differ from the base output."""
-    d = _diff(a, b)
-    scale = max(1.0, b.abs().max().item())
-    moved = _diff(b, base)
-    print(f"{what}: max abs diff {d:.3e} (output scale {scale:.3g}; adapter moved it {moved:.3g})")
-    assert moved > 1e-3 * scale, f"{what}: the adapter is (nearly) the identity, nothing compared"
-    assert d <= 1e-5 * scale, f"{what}: {d:.3e}"
-    return d
 
 
 def _randomise(params: list[tuple[str, nn.Parameter]], seed: int) -> None:

@@ -16,6 +16,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
+from _parity import close, make, randomise  # noqa: E402
+from _parity import run_fixed as run  # noqa: E402
+
 import unipeft  # noqa: E402
 from unipeft.features.interop import peft as interop  # noqa: E402
 from unipeft.features.saving import WEIGHTS_FILE  # noqa: E402
@@ -29,45 +32,6 @@ CASES = {
     ),
     "vit": (["qkv", "fc1", "fc2"], [r"blocks\.\d+\.attn\.qkv", r"blocks\.\d+\.mlp\.fc(1|2)"]),
 }
-IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def make(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    if arch == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=10,
-    ).eval()  # fmt: skip
-
-
-def run(model: nn.Module, arch: str) -> torch.Tensor:
-    with torch.no_grad():
-        if arch == "bert":
-            return model(input_ids=IDS).last_hidden_state
-        return model(IMAGES)
-
-
-def randomise(params, seed: int = 0) -> None:
-    """Noise on every trainable tensor, so the adapter is far from the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
-def close(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
-    diff = (got - want).abs().max().item()
-    scale = max(1.0, want.abs().max().item())
-    print(f"{what}: max |diff| = {diff:.3e} (output scale {scale:.3g})")
-    assert diff <= 1e-5 * scale, f"{what}: {diff:.3e} > {1e-5 * scale:.3e}"
-    return diff
 
 
 def peft_model(base: nn.Module, arch: str, **kw) -> nn.Module:
