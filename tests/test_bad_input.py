@@ -57,7 +57,7 @@ def _missing_roles(name: str) -> list[str]:
     return [r for r in ROLES if r not in roles(name)]
 
 
-# every backbone that lacks some role (Llama has them all: nothing to target in vain)
+# every backbone that lacks some role (mlp.gate or layer_tokens on every one of them)
 @pytest.mark.parametrize("name", backbones(where=lambda bb: bool(_missing_roles(bb.name))))
 def test_target_matching_nothing(name: str) -> None:
     backbone = BACKBONES[name].make()
@@ -114,7 +114,10 @@ def test_adapter_name_in_use(backbone: nn.Module) -> None:
 
 @pytest.mark.parametrize("method", methods(mergeable=False))
 def test_merge_on_a_method_that_cannot_merge(backbone: nn.Module, method: str) -> None:
-    model = unipeft.apply(backbone, method)
+    try:
+        model = unipeft.apply(backbone, method)
+    except TargetError as exc:  # as the kit: vision-only or CLIP-only default targets
+        pytest.skip(f"{method}'s default targets do not exist on this backbone: {exc}")
     snap = _snapshot(model)
     with pytest.raises(MergeError, match="cannot be merged"):
         model.merge()

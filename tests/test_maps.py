@@ -22,7 +22,9 @@ KNOWN = {
     "timm_vit": ("timm-vit", "linear"),
     "open_clip": ("open_clip", "mha_in"),
 }
-COMMON_ROLES = set(ROLES) - {"mlp.gate"}  # only gated MLPs (Llama) have mlp.gate
+# only gated MLPs (Llama) have mlp.gate; only vision towers (and open_clip's text tower)
+# have a token sequence per block (layer_tokens)
+COMMON_ROLES = set(ROLES) - {"mlp.gate", "layer_tokens"}
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -203,8 +205,10 @@ def test_open_clip_towers_passed_alone_keep_their_names() -> None:
     clip = BACKBONES["open_clip"].make()
     visual_sites = unipeft.inspect_sites(clip.visual)
     assert {s.tower for s in visual_sites if s.role} == {"visual"}  # role sites, not by name
-    tokens = [s for s in visual_sites if s.kind == "sequence"]
+    tokens = [s for s in visual_sites if s.role == "tokens"]
     assert len(tokens) == 1 and tokens[0].index == 1
+    per_layer = [s for s in visual_sites if s.role == "layer_tokens"]
+    assert [(s.layer, s.index) for s in per_layer] == [(0, 1), (1, 1)]
     assert any(s.role == "embed" and s.path == "conv1" for s in visual_sites)
     dm = unipeft.apply(clip.visual, "lora", r=2, targets=["visual/attn.q"])
     assert len(dm.adapters["default"].sites) == 2  # one per block of the image tower

@@ -31,9 +31,12 @@ ROLES: tuple[str, ...] = (
     "attn",
     "mlp",
     "tokens",
+    "layer_tokens",
 )
 """The semantic roles a structure map can expose. ``attn`` and ``mlp`` are whole sublayers
-(input to output, before the residual sum); ``tokens`` is the token sequence."""
+(input to output, before the residual sum); ``tokens`` is the token sequence of a whole
+stack; ``layer_tokens`` is the token sequence of one block (soft tokens inserted at the
+block's input and dropped from its output, for deep prompts such as VPT-Deep)."""
 
 _SLICE_NAMES = {3: ("q", "k", "v")}
 _SUBLAYER_OUTPUT = {"attn": "attn.out", "mlp": "mlp.down"}
@@ -180,6 +183,12 @@ class Tower:
     """A module path, relative to the prefix, that must exist for a stack to be this tower
     (tells apart towers whose blocks sit at the same path, e.g. a bare image tower and a
     bare text tower)."""
+    layer_tokens: bool = False
+    """Whether each block also gets its own token sequence: a ``"container"``
+    :class:`SequenceSite` named ``<block path>:tokens`` with role ``layer_tokens`` and the
+    block's ``layer``, whose tokens enter the block's input at the same index (and batch
+    layout) as the tower's ``sequence`` site and leave with its output. Only for blocks called
+    with the sequence as first argument and at most an ``(L, L)`` ``attn_mask``."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,8 @@ class LayoutMap:
                 seq = tower.sequence(model, prefix, tower.name)
                 if seq is not None:
                     out.append(seq)
+                    if tower.layer_tokens:
+                        out.extend(_layer_token_sites(seq, stack_path, stack))
         return out
 
     def _block_sites(
@@ -278,6 +289,28 @@ class LayoutMap:
         width = widths.get("attn.out", 0) or widths.get("mlp.down", 0) or block_site.features
         out.append(replace(block_site, name=f"{bpath}:block", features=width))
         return out
+
+
+def _layer_token_sites(seq: SequenceSite, stack_path: str, stack: nn.Module) -> list[SequenceSite]:
+    """One token sequence per block of a stack, laid out like the stack's own ``seq``."""
+    # a container site sees the block's input as the stack passes it; only a container
+    # tower site can be in another layout than batch first
+    batch_first = seq.batch_first if seq.style == "container" else True
+    return [
+        SequenceSite(
+            name=f"{stack_path}.{layer}:tokens",
+            tower=seq.tower,
+            features=seq.features,
+            insert=block,
+            strip=block,
+            index=seq.index,
+            style="container",
+            batch_first=batch_first,
+            role="layer_tokens",
+            layer=layer,
+        )
+        for layer, block in enumerate(stack)
+    ]
 
 
 def _module_site(

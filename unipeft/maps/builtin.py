@@ -181,6 +181,7 @@ HF_VIT = LayoutMap(
             r"(?P<prefix>.*\.)?layers",
             embed="embeddings.patch_embeddings.projection",
             sequence=_hf_vit_sequence,
+            layer_tokens=True,
         ),
     ),
     layout=BlockLayout(
@@ -205,6 +206,7 @@ HF_VIT_LEGACY = LayoutMap(
             r"(?P<prefix>.*\.)?encoder\.layer",
             embed="embeddings.patch_embeddings.projection",
             sequence=_hf_vit_sequence,
+            layer_tokens=True,
         ),
     ),
     layout=BlockLayout(
@@ -227,7 +229,14 @@ HF_VIT_LEGACY = LayoutMap(
 TIMM_VIT = LayoutMap(
     name="timm-vit",
     description="timm VisionTransformer (fused qkv Linear, sliced per role)",
-    towers=(Tower(r"(?P<prefix>.*\.)?blocks", embed="patch_embed.proj", sequence=_timm_sequence),),
+    towers=(
+        Tower(
+            r"(?P<prefix>.*\.)?blocks",
+            embed="patch_embed.proj",
+            sequence=_timm_sequence,
+            layer_tokens=True,
+        ),
+    ),
     layout=BlockLayout(
         projections={
             "attn.q": ("attn.qkv", 0, 3),
@@ -264,12 +273,14 @@ OPEN_CLIP = LayoutMap(
             name="visual",
             embed="conv1",
             sequence=_open_clip_sequence(index=1),
+            layer_tokens=True,
         ),
         Tower(
             r"(?P<prefix>(?:text\.)?)transformer\.resblocks",
             name="text",
             embed="token_embedding",
             sequence=_open_clip_sequence(index=0),
+            layer_tokens=True,
             requires="token_embedding",
         ),
         Tower(  # an image tower passed alone (clip.visual): its blocks sit at the root
@@ -277,6 +288,7 @@ OPEN_CLIP = LayoutMap(
             name="visual",
             embed="conv1",
             sequence=_open_clip_sequence(index=1),
+            layer_tokens=True,
             requires="conv1",
         ),
     ),

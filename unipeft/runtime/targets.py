@@ -26,7 +26,7 @@ from ..contract.maps import ROLES, StructureMap, generic_sites
 from ..contract.sites import ModuleSite, SequenceSite, Site
 
 _TARGET = re.compile(
-    r"^(?:(?P<tower>[A-Za-z_]\w*)/)?(?P<role>[a-z]+(?:\.[a-z]+)?)(?:\[(?P<sel>[^\]]*)\])?$"
+    r"^(?:(?P<tower>[A-Za-z_]\w*)/)?(?P<role>[a-z][a-z_]*(?:\.[a-z]+)?)(?:\[(?P<sel>[^\]]*)\])?$"
 )
 
 
