@@ -18,7 +18,7 @@ import pytest
 import unipeft
 
 PACKAGE = Path(unipeft.__file__).parent
-TOOLS = ("training", "testing", "cli", "bench", "demo")
+TOOLS = ("training", "testing", "cli", "bench", "demo", "clip")
 CORE = ("contract", "runtime", "blocks", "features", "maps", "methods", "model", "_builtin")
 
 
