@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 from torch import nn
 
-from . import contract
+from . import compose, contract
 from ._version import __version__
 from .contract.config import DeltaConfig
 from .contract.deltas import (
@@ -99,7 +99,7 @@ def load(backbone: nn.Module, directory: str) -> DeltaModel:
 
     Every file is read and checked before the backbone is touched; on any error the
     backbone is left exactly as it was."""
-    from .features.saving import plan_adapters
+    from .features.saving import plan_saved, restore_composition
     from .runtime.checks import load_directory, require_module
 
     require_module(backbone)
@@ -109,13 +109,12 @@ def load(backbone: nn.Module, directory: str) -> DeltaModel:
             "(model.unload() gives it back), or add them to this model with add_adapter()"
         )
     directory = load_directory(directory)
-    plans, active = plan_adapters(backbone, directory, registry())
+    plans, active, composition = plan_saved(backbone, directory, registry())
     model = DeltaModel(backbone)
     try:
         for name, plan in plans:
             model.attach(name, plan)
-        if active := [a for a in active if a in model.adapters]:
-            model.set_active(active)
+        restore_composition(model, composition, [a for a in active if a in model.adapters])
     except BaseException:
         if model.adapters:
             model.unload()
@@ -186,6 +185,7 @@ __all__ = [
     "__version__",
     "apply",
     "arithmetic",
+    "compose",
     "get_method",
     "hookimpl",
     "inspect_sites",

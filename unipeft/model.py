@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compose import Composition, Fuse, Parallel
 from .contract.config import DeltaConfig
 from .contract.deltas import DeltaModule
 from .contract.errors import AdapterError, MergeError, UnipeftError
@@ -21,6 +22,11 @@ from .contract.method import Method
 from .contract.plan import BASE, SHARED, AdapterPlan, adapter_name_refusal
 from .contract.sites import Site
 from .runtime import checks
+from .runtime import compose as composing
+from .runtime.attaching import count_parameters
+from .runtime.attaching import forward_signature as _forward_signature
+from .runtime.attaching import link as _link
+from .runtime.attaching import load_state as _load_state
 from .runtime.hosts import HostTable
 from .runtime.ledger import MergeLedger, sync_residuals
 from .runtime.registry import Registry, registry
@@ -86,6 +92,8 @@ class DeltaModel(nn.Module):
         self.training = backbone.training  # the handle starts in the backbone's mode
         self.base_model = backbone
         self.deltas = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # Fuse name -> its per-site fusion layers (trainable)
+        self._composition: Composition | None = None
         self._registry = _registry or registry()
         self._state = AdapterState()
         self._adapters: dict[str, Adapter] = {}
@@ -107,7 +115,11 @@ class DeltaModel(nn.Module):
         backbone) runs a mixed batch: each sample through its own adapter."""
         self._check_live()
         if adapter_names is None:
+            if self._state.parallel is not None and self._state.enabled:
+                return self._parallel(self.base_model, True, *args, **kwargs)
             return self.base_model(*args, **kwargs)
+        if self._state.parallel is not None:
+            raise AdapterError("adapter_names cannot be given while Parallel(...) is active")
         adapter_names = checks.sample_names(adapter_names)
         self._routing(adapter_names)  # validates the names before anything runs
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
@@ -127,7 +139,18 @@ class DeltaModel(nn.Module):
                 raise
             if self.__dict__.get("_unloaded"):
                 self._check_live()  # the backbone was handed back: use it, not this handle
-            return getattr(self.base_model, name)
+            attr = getattr(self.base_model, name)
+            if self.__dict__["_state"].parallel is not None and inspect.ismethod(attr):
+                return functools.partial(self._parallel, attr, False)  # encode_image(...)
+            return attr
+
+    def _parallel(self, fn: Any, whole: bool, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` on the batch replicated once per adapter of the active Parallel."""
+        args, kwargs, names = composing.parallel_inputs(self._state, args, kwargs, whole)
+        if names is None:
+            return fn(*args, **kwargs)
+        with self.mixed_batch(names):
+            return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -148,14 +171,7 @@ class DeltaModel(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters of backbone and deltas (the signature of transformers' models)."""
-        skip = set()
-        if exclude_embeddings:
-            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        return sum(
-            p.numel()
-            for p in self.parameters()
-            if id(p) not in skip and (p.requires_grad or not only_trainable)
-        )
+        return count_parameters(self, only_trainable, exclude_embeddings)
 
     def aux_loss(self) -> Tensor | None:
         """Sum of the auxiliary losses (e.g. MoE load balancing) of the last forward pass,
@@ -166,7 +182,8 @@ class DeltaModel(nn.Module):
                 loss = att.delta.aux_loss()
                 if loss is not None:
                     total = loss if total is None else total + loss
-        return total
+        reg = composing.fusion_loss(self._composition, self.fusions)
+        return total if reg is None else reg if total is None else total + reg
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -307,12 +324,8 @@ class DeltaModel(nn.Module):
         return built, shared
 
     def check_adapter_name(self, name: str) -> None:
-        """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name.
-
-        The rule (:func:`unipeft.contract.plan.adapter_name_refusal`) is the same for every
-        way an adapter enters: ``add_adapter``, ``unipeft.load``, ``combine`` and the PEFT
-        importer all go through :meth:`attach`. 1 to 128 ASCII letters, digits, ``_`` or
-        ``-``, and not ``"__base__"``, which names the plain backbone in mixed batches."""
+        """Raise :class:`AdapterError` unless ``name`` is a valid, unused adapter name (the
+        rule of :func:`unipeft.contract.plan.adapter_name_refusal`, for every way in)."""
         reason = adapter_name_refusal(name)
         if reason is not None:
             raise AdapterError(reason)
@@ -326,11 +339,14 @@ class DeltaModel(nn.Module):
         if self._unloaded:
             raise AdapterError("this DeltaModel was unloaded; apply unipeft to the backbone again")
 
-    def set_active(self, names: str | Sequence[str]) -> None:
+    def set_active(self, names: str | Sequence[str] | Composition) -> None:
         """Make ``names`` the active adapters: they run together, in this order. An empty
-        sequence leaves only the backbone."""
+        sequence leaves only the backbone. A composition of :mod:`unipeft.compose`
+        (``Stack``, ``Parallel``, ``Average``, ``Fuse``) runs its adapters as it says
+        (``docs/composition.md``); a ``Fuse`` creates its fusion layers on first use."""
         self._check_live()
-        names = tuple(checks.adapter_names(names, "set_active(names)"))
+        comp = names if isinstance(names, Composition) else None
+        names = comp.leaves() if comp else tuple(checks.adapter_names(names, "set_active(names)"))  # type: ignore[arg-type]
         for n in names:
             self.get_adapter(n)
         stranded = sorted(set(self.merged_adapters) - set(names))
@@ -339,10 +355,49 @@ class DeltaModel(nn.Module):
                 f"adapters {stranded} are merged into the weights; unmerge() them before "
                 "making them inactive"
             )
+        if comp is not None:
+            composing.check_composition(comp, self._adapters, self.merged_adapters)
+            for fuse in composing.fuse_nodes(comp):
+                self.add_fusion(fuse)
+        self._set_composition(comp, names)
+
+    def _set_composition(self, comp: Composition | None, names: tuple[str, ...]) -> None:
+        self._composition = comp
         self._state.active = names
+        self._state.composed = comp if composing.needs_evaluation(comp) else None
+        self._state.parallel = comp.leaves() if isinstance(comp, Parallel) else None
         self._sync()
 
+    @property
+    def active_composition(self) -> Composition | None:
+        """The composition given to :meth:`set_active`, or None for a name or a list."""
+        return self._composition
+
+    def add_fusion(self, fuse: Fuse, state: dict[str, dict[str, Tensor]] | None = None) -> None:
+        """Create the trainable fusion layers of ``fuse`` (one per site its adapters adapt)
+        and freeze the fused adapters, as AdapterFusion trains the fusion alone
+        (``model.deltas[name].requires_grad_(True)`` undoes that). Layers that exist under
+        ``fuse.name`` for the same adapters are kept. ``state``: saved tensors by site."""
+        self._check_live()
+        if not isinstance(fuse, Fuse):
+            raise TypeError(f"add_fusion takes a unipeft.compose.Fuse, got {type(fuse).__name__}")
+        for n in fuse.leaves():
+            self.get_adapter(n)
+        if state is None and composing.reuse_fusion(self.fusions, fuse):
+            return
+        composing.check_composition(fuse, self._adapters, self.merged_adapters)
+        fusion = composing.build_fusion(fuse, self._adapters, state)
+        fusion.requires_grad_(True)
+        fusion.train(self.training)
+        self.fusions[fuse.name] = fusion
+        self._state.fusions[fuse.name] = fusion
+        for n in fuse.leaves():
+            self.deltas[n].requires_grad_(False)
+
     def _sync(self) -> None:
+        if self._state.composed is not None:  # Average / Fuse weigh d(x, y) - y: base y
+            sync_residuals(self._ledger, AdapterState(enabled=False), ())
+            return
         sync_residuals(self._ledger, self._state, self._adapters.values())
 
     def list_adapters(self) -> list[dict[str, Any]]:
@@ -394,6 +449,9 @@ class DeltaModel(nn.Module):
             self._adapters[name].trigger.remove()  # type: ignore[union-attr]
         for att in self._adapters[name].attachments:
             self._hosts.remove(att)
+        for fusion in [f for f, m in self.fusions.items() if name in m.spec.leaves()]:
+            del self.fusions[fusion]  # a fusion without one of its adapters means nothing
+            self._state.fusions.pop(fusion, None)
         del self.deltas[name]
         del self._adapters[name]
 
@@ -459,6 +517,8 @@ class DeltaModel(nn.Module):
         that is already merged warns and does nothing.
         """
         self._check_live()
+        if why := composing.merge_refusal(self._composition):
+            raise MergeError(why)
         names = self._names(adapter_names, self._state.active, "merge(adapter_names)")
         for name in names:
             self.get_adapter(name)
@@ -513,8 +573,7 @@ class DeltaModel(nn.Module):
         """Remove every adapter and return the backbone with its original state."""
         self._check_live()
         self.unmerge()
-        self._state.active = ()
-        self._sync()
+        self._set_composition(None, ())
         for name in list(self._adapters):
             self._remove_adapter(name)
         if self._requires_grad is not None:
@@ -536,56 +595,3 @@ class DeltaModel(nn.Module):
         for name in names or ():
             self.get_adapter(name)
         save_adapters(self, path, names)
-
-
-def _load_state(delta: nn.Module, state: Any, site: Site | str, spec: Method) -> None:
-    """Load a plan's tensors for one site (or the shared module) into its freshly built
-    module, converting them to its dtype and device; errors name the site and the entries
-    that differ."""
-    where = site if isinstance(site, str) else site.name
-    current = delta.state_dict()
-    if set(state) != set(current):
-        raise AdapterError(
-            f"the tensors given for site {where!r} are {sorted(state)}, but method "
-            f"{spec.id!r} builds a delta there with {sorted(current)}"
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(current[k].shape):
-            raise AdapterError(
-                f"the tensor {k!r} given for site {where!r} has shape {tuple(v.shape)}, "
-                f"but method {spec.id!r} builds one of shape {tuple(current[k].shape)} there"
-            )
-    with torch.no_grad():
-        delta.load_state_dict(
-            {k: v.to(dtype=current[k].dtype, device=current[k].device) for k, v in state.items()},
-            strict=True,
-        )
-
-
-def _link(attachments: list[Attachment]) -> None:
-    """Show each fast-path class this adapter's attachments of that class, so it can share
-    work between sites (:meth:`~unipeft.contract.fastpath.FastPath.link`)."""
-    by_class: dict[type, list[Attachment]] = {}
-    for att in attachments:
-        if att.fast is not None:
-            by_class.setdefault(type(att.delta), []).append(att)
-    for group in by_class.values():
-        group[0].fast.link(group)  # type: ignore[union-attr]
-
-
-def _forward_signature(backbone: nn.Module) -> inspect.Signature:
-    """The backbone's forward signature with the keyword-only ``adapter_names`` added."""
-    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    try:
-        sig = inspect.signature(backbone.forward)
-    except (TypeError, ValueError):
-        return inspect.Signature(
-            [
-                inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
-                extra,
-                inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-            ]
-        )
-    params = [p for p in sig.parameters.values() if p.name != "adapter_names"]
-    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-    return sig.replace(parameters=[*params[:at], extra, *params[at:]])

@@ -44,6 +44,15 @@ def tensor_key(adapter: str, site_name: str, method_id: str, param: str) -> str:
     return f"{adapter}::{site_name}::{method_id}.{param}"
 
 
+FUSION_PREFIX = "__fusion__"
+
+
+def fusion_key(fusion: str, site_name: str, param: str) -> str:
+    """The safetensors key of a fusion layer's tensor: ``__fusion__::<fusion name>::<site
+    name>::<parameter>`` (four parts; an adapter's keys have three)."""
+    return f"{FUSION_PREFIX}::{fusion}::{site_name}::{param}"
+
+
 # ----------------------------------------------------------------------------- messages
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -206,8 +215,19 @@ class AdapterV1(_Adapter):
     sites: dict[_Name, dict[_Name, list[_Size]]] = Field(min_length=1)
 
 
+class SavedFusion(BaseModel):
+    """One ``Fuse``'s trainable layers: the Fuse (its JSON form) and per site the tensors."""
+
+    model_config = _STRICT
+    fuse: dict[StrictStr, Any]
+    sites: dict[_Name, dict[_Name, SavedTensor]] = Field(min_length=1)
+
+
 class SavedV2(BaseModel):
-    """``unipeft_adapters.json``, format version 2 (what this unipeft writes)."""
+    """``unipeft_adapters.json``, format version 2 (what this unipeft writes). The two
+    optional fields ``composition`` (the active composition's JSON form, when
+    ``set_active`` was given one) and ``fusions`` (``Fuse`` layers) are written only when
+    there is something to record, so other files are exactly as before them."""
 
     model_config = _STRICT
     format: Literal["unipeft"]
@@ -218,6 +238,8 @@ class SavedV2(BaseModel):
     active: list[StrictStr]
     weights_sha256: _Checksum
     adapters: dict[StrictStr, AdapterV2] = Field(min_length=1)
+    composition: dict[StrictStr, Any] | None = None
+    fusions: dict[_Name, SavedFusion] = Field(default_factory=dict)
 
 
 class SavedV1(BaseModel):
@@ -248,6 +270,9 @@ _ACCEPTED = {
     "sites": "an object: site name -> {parameter: {shape, dtype}}",
     "config": "an object: the method's configuration",
     "adapters": "an object: adapter name -> adapter",
+    "composition": "an object: op, children and the operator's settings",
+    "fusions": "an object: fusion name -> {fuse, sites}",
+    "fuse": "an object: the Fuse's JSON form",
 }
 
 
@@ -290,6 +315,12 @@ def check_tensors(doc: Saved, tensors: Mapping[str, Tensor], weights: Path, conf
         for key, entry in adapter.described(name).items():
             described[key] = entry[:2]
             where[key] = entry[2]
+    for fname, fusion in getattr(doc, "fusions", {}).items():
+        for site, params in fusion.sites.items():
+            for pname, saved in params.items():
+                key = fusion_key(fname, site, pname)
+                described[key] = (tuple(saved.shape), saved.dtype)
+                where[key] = json_path(("fusions", fname, "sites", site, pname))
     extra = sorted(set(tensors) - set(described))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

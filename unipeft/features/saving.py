@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..compose import Composition, Fuse
+from ..compose import from_json as composition_from_json
 from ..contract.errors import AdapterError, ConfigError, LoadError, PluginError
 from ..contract.plan import SHARED, AdapterPlan, adapter_name_refusal
 from ..runtime.targets import all_sites
@@ -34,6 +36,7 @@ from ._format import (
     Saved,
     check_tensors,
     dtype_name,
+    fusion_key,
     json_path,
     parse_saved,
     read_json,
@@ -44,7 +47,16 @@ if TYPE_CHECKING:
     from ..model import DeltaModel
     from ..runtime.registry import Registry
 
-__all__ = ["FORMAT_VERSION", "UNCHECKED", "plan_adapters", "save_adapters", "tensor_key"]
+__all__ = [
+    "FORMAT_VERSION",
+    "UNCHECKED",
+    "SavedComposition",
+    "plan_adapters",
+    "plan_saved",
+    "restore_composition",
+    "save_adapters",
+    "tensor_key",
+]
 
 CONFIG_FILE = "unipeft_adapters.json"
 TMP_PREFIX = ".unipeft-tmp-"
@@ -81,7 +93,9 @@ def save_adapters(
             "targets": list(adapter.targets),
             "sites": sites,
         }
+    extra = _composition_entries(model, names, tensors)
     doc = {
+        **extra,
         "format": "unipeft",
         "format_version": FORMAT_VERSION,
         "unipeft_version": __version__,
@@ -98,6 +112,34 @@ def save_adapters(
         Path(directory), tensors, {"format": "unipeft"}, config_bytes,
         weights_name=WEIGHTS_FILE, config_name=CONFIG_FILE, prefix=TMP_PREFIX,
     )  # fmt: skip
+
+
+def _composition_entries(
+    model: DeltaModel, names: Sequence[str], tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The JSON fields ``composition`` and ``fusions`` for the saved adapters ``names`` (only
+    those whose adapters are all saved; none at all when there is nothing to record), and
+    the fusion layers' tensors added to ``tensors``."""
+    out: dict[str, Any] = {}
+    fusions: dict[str, Any] = {}
+    for fname, fusion in model.fusions.items():
+        if not set(fusion.spec.leaves()) <= set(names):  # type: ignore[union-attr]
+            continue
+        sites: dict[str, dict[str, Any]] = {}
+        for key, layer in fusion.items():  # type: ignore[operator]
+            site_name = fusion.site_names[key]  # type: ignore[index]
+            described = {}
+            for pname, tensor in layer.state_dict().items():
+                tensors[fusion_key(fname, site_name, pname)] = tensor.detach().cpu().contiguous()
+                described[pname] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+            sites[site_name] = described
+        fusions[fname] = {"fuse": fusion.spec.to_json(), "sites": sites}  # type: ignore[union-attr]
+    if fusions:
+        out["fusions"] = fusions
+    comp = model.active_composition
+    if comp is not None and set(comp.leaves()) <= set(names):
+        out["composition"] = comp.to_json()
+    return out
 
 
 def write_pair(
@@ -265,12 +307,87 @@ def _check_names(doc: Saved, cfg_path: Path) -> None:
             )
 
 
+class SavedComposition:
+    """What a save records beyond its adapters: the active composition (or None) and the
+    fusion layers (each ``Fuse`` with its tensors by site), read and checked, not applied."""
+
+    def __init__(
+        self,
+        path: Path,
+        composition: Composition | None,
+        fusions: list[tuple[Fuse, dict[str, dict[str, torch.Tensor]]]],
+    ) -> None:
+        self.path = path
+        self.composition = composition
+        self.fusions = fusions
+
+
+def _read_composition(doc: Saved, tensors: dict[str, torch.Tensor], path: Path) -> SavedComposition:
+    """The composition and fusions of ``doc``, every name checked against its adapters."""
+    fusions = []
+    for fname, saved in getattr(doc, "fusions", {}).items():
+        where = json_path(("fusions", fname, "fuse"))
+        try:
+            spec = composition_from_json(saved.fuse, where)
+        except ConfigError as exc:
+            raise LoadError(f"{path}: {exc}") from None
+        if not isinstance(spec, Fuse) or spec.name != fname:
+            raise LoadError(f"{path}, field {where}: a Fuse named {fname!r} is needed here")
+        _known_leaves(doc, spec, path, where)
+        state = {
+            site: {p: tensors[fusion_key(fname, site, p)] for p in params}
+            for site, params in saved.sites.items()
+        }
+        fusions.append((spec, state))
+    comp = None
+    raw = getattr(doc, "composition", None)
+    if raw is not None:
+        try:
+            comp = composition_from_json(raw)
+        except ConfigError as exc:
+            raise LoadError(f"{path}: {exc}") from None
+        _known_leaves(doc, comp, path, "composition")
+    return SavedComposition(path, comp, fusions)
+
+
+def _known_leaves(doc: Saved, comp: Composition, path: Path, where: str) -> None:
+    unknown = [n for n in comp.leaves() if n not in doc.adapters]
+    if unknown:
+        raise LoadError(
+            f"{path}, field {where} names adapters {unknown}, which the file does not hold "
+            f"(it holds {', '.join(doc.adapters)})"
+        )
+
+
+def restore_composition(model: DeltaModel, saved: SavedComposition, active: list[str]) -> None:
+    """Rebuild the saved fusion layers on ``model`` and activate the saved composition (or
+    the saved active names); errors are LoadErrors naming the file."""
+    try:
+        for spec, state in saved.fusions:
+            model.add_fusion(spec, state)
+        if saved.composition is not None:
+            model.set_active(saved.composition)
+        elif active:
+            model.set_active(active)
+    except (AdapterError, ConfigError) as exc:
+        raise LoadError(f"{saved.path}: the saved composition cannot be restored: {exc}") from None
+
+
 def plan_adapters(
     backbone: nn.Module, directory: str | os.PathLike, registry: Registry
 ) -> tuple[list[tuple[str, AdapterPlan]], list[str]]:
     """The adapters saved in ``directory`` as plans for ``backbone`` (every tensor checked
     against the delta it will fill), and the names that were active. Reads only JSON and
     safetensors; changes nothing."""
+    plans, active, _ = plan_saved(backbone, directory, registry)
+    return plans, active
+
+
+def plan_saved(
+    backbone: nn.Module, directory: str | os.PathLike, registry: Registry
+) -> tuple[list[tuple[str, AdapterPlan]], list[str], SavedComposition]:
+    """:func:`plan_adapters`, and the saved composition and fusions (checked, not applied:
+    :func:`restore_composition` does that once the plans are attached)."""
     doc, tensors, cfg_path = read_saved(directory)
     smap = registry.pick_map(backbone)
     by_name = {s.name: s for s in all_sites(backbone, smap)}
@@ -324,7 +441,7 @@ def plan_adapters(
         plans.append(
             (name, AdapterPlan(spec, cfg, tuple(sites), tuple(meta.targets), state, smap.name))
         )
-    return plans, list(doc.active)
+    return plans, list(doc.active), _read_composition(doc, tensors, cfg_path)
 
 
 def _site_state(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..contract.sites import ModuleSite
+from .compose import run_composed
 from .state import AdapterState, Attachment, first_tensor
 
 
@@ -131,7 +132,7 @@ class ModuleHost:
     def _single_running(self) -> Attachment | None:
         """The one running attachment, when there is exactly one, outside a mixed batch, on
         the whole output (no slice, no entry)."""
-        if self.state.routing is not None:
+        if self.state.routing is not None or self.state.composed is not None:
             return None
         running = self.running()
         if len(running) != 1:
@@ -175,6 +176,8 @@ class ModuleHost:
         delta per slice and can batch them (:meth:`FastPath.update_slices`)."""
         if x is None or self.state.routing is not None or len(running) < 2:
             return None
+        if self.state.composed is not None:  # Average / Fuse: evaluated per slice
+            return None
         fast = running[0].fast
         if fast is None:
             return None
@@ -191,6 +194,10 @@ class ModuleHost:
         mixed batch: deltas that can batch (one kernel sequence for every adapter) do so,
         the others run on their samples only."""
         routing = self.state.routing
+        if routing is None and self.state.composed is not None:
+            return run_composed(
+                self.state.composed, atts, x, y, self._input_for, self.state.fusions
+            )
         if routing is None:
             for att in atts:  # y is ours: the module's fresh output or a delta's result
                 xin = self._input_for(att, x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +57,15 @@ class AdapterState:
     active: tuple[str, ...] = ()
     enabled: bool = True
     routing: Routing | None = None
+    composed: Any = None
+    """The active composition when module hosts evaluate it (it holds an Average or a Fuse;
+    :func:`unipeft.runtime.compose.run_composed`), else None."""
+    parallel: tuple[str, ...] | None = None
+    """The adapters of an active ``Parallel``: the model replicates the batch for them."""
+    parallel_batch: int | None = None
+    """The batch size the last Parallel call replicated (``N``, not ``k·N``)."""
+    fusions: dict[str, Any] = field(default_factory=dict)
+    """Fusion name -> its :class:`~unipeft.runtime.compose.Fusion` (the model owns them)."""
 
     def runs(self, adapter: str) -> bool:
         if not self.enabled:
@@ -69,6 +79,12 @@ class AdapterState:
         ``set_active`` was given: serial deltas compose in it). In a mixed batch each
         sample has one adapter, so attachment order is kept."""
         running = [a for a in attachments if self.runs(a.adapter)]
+        if running and self.parallel is not None and self.routing is None:
+            raise RuntimeError(
+                f"Parallel{self.parallel} is active, and it needs the batch replicated: call "
+                "the model through its DeltaModel (model(...), or model.encode_image(...) and "
+                "other methods looked up on it), not the backbone directly"
+            )
         if len(self.active) > 1 and self.routing is None and len(running) > 1:
             rank = {name: i for i, name in enumerate(self.active)}
             running.sort(key=lambda a: rank[a.adapter])  # stable: a site's own order stays

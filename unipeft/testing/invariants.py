@@ -30,6 +30,7 @@ from ._common import equal as _equal
 from ._common import same_state as _same_state
 from ._common import state as _state
 from .backbones import TinyBackbone
+from .compose_invariant import COMPOSE_INVARIANTS
 from .more_invariants import MORE_INVARIANTS
 from .strategies import invalid_values
 
@@ -279,5 +280,6 @@ INVARIANTS = {
     "adapters_isolated": adapters_isolated,
     "mixed_batch_matches": mixed_batch_matches,
     **MORE_INVARIANTS,
+    **COMPOSE_INVARIANTS,
 }
 """Every invariant, by name."""
