@@ -3,6 +3,9 @@
 - :mod:`~unipeft.blocks.lowrank`: the low-rank update ``s · B A`` of a projection
   (:class:`LowRankDelta`), its shared config fields (:class:`LowRankConfig`) and helpers
   (:func:`low_rank_refusal`: the size check of a rank against a projection).
+- :mod:`~unipeft.blocks.routing`: mixture-of-experts routers (:class:`Router`: soft, top-k,
+  top-p; per token or per sample) and their losses (:func:`load_balancing_loss`,
+  :func:`z_loss`).
 
 The base weights a merge or a weight-aware delta reads come from the site itself:
 :meth:`unipeft.ModuleSite.weight_views`.
@@ -17,13 +20,35 @@ from .lowrank import (
     low_rank_refusal,
     low_rank_scaling,
 )
+from .routing import (
+    Router,
+    RouterKind,
+    RoutingLevel,
+    gates_from_probs,
+    load_balancing_loss,
+    router_parameters,
+    top_k_gates,
+    top_p_gates,
+    top_p_mask,
+    z_loss,
+)
 
 __all__ = [
     "LowRankConfig",
     "LowRankDelta",
+    "Router",
+    "RouterKind",
+    "RoutingLevel",
     "add_low_rank",
+    "gates_from_probs",
+    "load_balancing_loss",
     "low_rank_factors",
     "low_rank_parameters",
     "low_rank_refusal",
     "low_rank_scaling",
+    "router_parameters",
+    "top_k_gates",
+    "top_p_gates",
+    "top_p_mask",
+    "z_loss",
 ]
