@@ -117,7 +117,7 @@ def test_merge_on_a_method_that_cannot_merge(backbone: nn.Module, method: str) -
     try:
         model = unipeft.apply(backbone, method)
     except TargetError as exc:  # as the kit: vision-only or CLIP-only default targets
-        pytest.skip(f"{method}'s default targets do not exist on this backbone: {exc}")
+        pytest.skip(f"{method} has no default target it attaches to on this backbone: {exc}")
     snap = _snapshot(model)
     with pytest.raises(MergeError, match="cannot be merged"):
         model.merge()

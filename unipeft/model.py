@@ -225,8 +225,9 @@ class DeltaModel(nn.Module):
             self.base_model, target_list, self._registry.sorted_maps(), self._registry.map_failed
         )
         # sites a role pattern reached only by the way (optional) are dropped if refused
-        sites = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]
-        checks.check_sites(spec, cfg, sites, target_list)
+        kept = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]
+        checks.all_refused(spec, cfg, sites, kept, target_list, self.base_model)
+        checks.check_sites(spec, cfg, sites := kept, target_list)
         checks.check_sizes(spec, cfg, sites)
         return AdapterPlan(spec, cfg, tuple(sites), tuple(target_list), None, smap.name)
 

@@ -172,6 +172,19 @@ def merge_refusal(site: Site) -> str | None:
     return site.merge_refusal()
 
 
+def all_refused(
+    spec: Method, cfg: DeltaConfig, found: list, kept: list, targets: list[str], backbone: Any
+) -> None:
+    """Raise :class:`TargetError` when the targets reached sites but the method refused
+    every one of them (each was optional, so none was an error on its own)."""
+    if found and not kept:
+        reason = spec.refusal(cfg, found[0])
+        raise TargetError(
+            f"targets {targets} match nothing method {spec.id!r} can attach to on "
+            f"{type(backbone).__name__}: {reason}"
+        )
+
+
 def check_sites(spec: Method, cfg: DeltaConfig, sites: list[Site], targets: list[str]) -> None:
     """Raise :class:`TargetError` unless ``spec`` can attach at every site."""
     if not sites:

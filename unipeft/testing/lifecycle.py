@@ -414,7 +414,7 @@ def run_lifecycle(method: Method, bb: TinyBackbone, base: settings | None = None
             unipeft.apply(bb.make(), method.id, **default.model_dump())
         except TargetError as exc:
             if "match" in str(exc) and "nothing" in str(exc):
-                pytest.skip(f"{method.id}'s default targets do not exist on {bb.name}: {exc}")
+                pytest.skip(f"{method.id} has no default target it attaches to on {bb.name}: {exc}")
         except ConfigError:
             pass
     chosen = base or lifecycle_settings()

@@ -58,7 +58,7 @@ def run_one(method: Method, bb: TinyBackbone, invariant: str, cfg: DeltaConfig) 
         INVARIANTS[invariant](method, bb, cfg)
     except TargetError as exc:
         if "match" in str(exc) and "nothing" in str(exc):
-            pytest.skip(f"{method.id}'s default targets do not exist on {bb.name}: {exc}")
+            pytest.skip(f"{method.id} has no default target it attaches to on {bb.name}: {exc}")
         # this config cannot attach here (e.g. bitfit without biases to tune): draw another;
         # hypothesis reports the test unsatisfiable if no config ever can
         assume(False)
