@@ -105,3 +105,24 @@ def test_router_per_token() -> None:
     assert g.shape == (2, 3, 4)
     assert torch.allclose(g.sum(-1), torch.ones(2, 3))
     assert router.aux_loss(0.0, 0.0) is None
+
+
+def test_same_choices_replays_the_recorded_experts() -> None:
+    import torch
+    from torch import nn
+
+    from unipeft.blocks import Router, same_choices
+
+    torch.manual_seed(0)
+    a = nn.ModuleList([Router(8, 4, "top_k", top_k=2), Router(8, 4, "top_p", top_p=0.6)])
+    b = nn.ModuleList([Router(8, 4, "top_k", top_k=2), Router(8, 4, "top_p", top_p=0.6)])
+    x = torch.randn(5, 8)
+    assert not torch.equal(a[0](x) > 0, b[0](x) > 0)  # different weights choose otherwise
+    with same_choices(a, b):
+        chosen = [r(x) > 0 for r in a]
+        replayed = [r(x) for r in b]
+    for want, got in zip(chosen, replayed, strict=True):
+        assert torch.equal(got > 0, want)  # the recorded experts, and only those
+        assert torch.allclose(got.sum(-1), torch.ones(5))  # renormalised
+    assert a[0].tape is None and not b[0].replaying  # nothing left behind
+    assert torch.equal(b[0](x) > 0, b[0](x) > 0) and not torch.equal(b[0](x) > 0, chosen[0])

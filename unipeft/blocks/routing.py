@@ -29,6 +29,8 @@ The losses of the last routing, for ``aux_loss()``:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -136,6 +138,9 @@ class Router(nn.Module):
         self.top_p = top_p
         self.routing: RoutingLevel = routing
         self.last: tuple[Tensor, Tensor, Tensor] | None = None
+        self.tape: list[Tensor] | None = None
+        """Set by :func:`same_choices`: the hard routing decisions recorded (or to replay)."""
+        self.replaying = False
 
     @property
     def num_experts(self) -> int:
@@ -150,7 +155,13 @@ class Router(nn.Module):
     def forward(self, x: Tensor, out_ndim: int | None = None) -> Tensor:
         logits = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
-        gates = gates_from_probs(probs, self.kind, self.top_k, self.top_p)
+        if self.replaying and self.tape:  # the experts another run chose, renormalised
+            kept = probs * self.tape.pop(0).to(probs.device)
+            gates = kept / kept.sum(-1, keepdim=True)
+        else:
+            gates = gates_from_probs(probs, self.kind, self.top_k, self.top_p)
+            if self.tape is not None and not self.replaying and self.kind != "soft":
+                self.tape.append(gates > 0)
         self.last = (logits, probs, dispatch(gates, probs, self.kind))
         if self.routing == "sample":
             ndim = out_ndim if out_ndim is not None else x.ndim
@@ -184,3 +195,28 @@ class Router(nn.Module):
 def router_parameters(in_features: int, num_experts: int) -> int:
     """``d · E``: the size of a :class:`Router`."""
     return in_features * num_experts
+
+
+@contextmanager
+def same_choices(record: nn.Module, replay: nn.Module) -> Iterator[None]:
+    """Make the hard routers of ``replay`` choose what those of ``record`` chose.
+
+    Inside the block, run ``record`` first, then ``replay`` on the same inputs: each top-k or
+    top-p :class:`Router` of ``record`` notes which experts it chose on each call, and the
+    router at the same position in ``replay`` uses those experts (their probabilities,
+    renormalised) instead of choosing. Two copies of one adapter in different precisions
+    can then be compared: a near-tie that rounding breaks the other way moves an output by
+    a whole expert, which is not an error of the half-precision computation."""
+    pairs = list(zip(_routers(record), _routers(replay), strict=True))
+    for a, b in pairs:
+        a.tape = b.tape = []  # one list: a appends, b takes from the front
+        b.replaying = True
+    try:
+        yield
+    finally:
+        for a, b in pairs:
+            a.tape, b.tape, b.replaying = None, None, False
+
+
+def _routers(model: nn.Module) -> list[Router]:
+    return [m for m in model.modules() if isinstance(m, Router)]
