@@ -132,7 +132,14 @@ def output_features(module: nn.Module) -> int:
         return ref.out_features
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim
-    for attr in ("out_features", "embedding_dim", "num_features", "hidden_size", "embed_dim"):
+    for attr in (
+        "out_features",
+        "embedding_dim",
+        "num_features",
+        "hidden_size",
+        "embed_dim",
+        "output_dim",
+    ):
         value = getattr(module, attr, None)
         if isinstance(value, int):
             return value
