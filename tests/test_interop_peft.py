@@ -408,10 +408,12 @@ def test_other_peft_types_are_refused(lora_dir, fresh, tmp_path: Path) -> None:
     edit_config(lora_dir, peft_type="POLY")
     error = expect_load_error(fresh("llama"), lora_dir, "'POLY'", "LORA", "IA3", "LOHA", "VERA")
     assert "supports" in str(error)
-    prefix = tmp_path / "prefix"
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-    peft_save(fresh("llama"), config, prefix)
-    expect_load_error(fresh("llama"), prefix, "'PREFIX_TUNING'")
+    multitask = tmp_path / "multitask"  # a prompt type unipeft does not convert
+    config = peft.MultitaskPromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2, num_tasks=1
+    )
+    peft_save(fresh("llama"), config, multitask)
+    expect_load_error(fresh("llama"), multitask, "'MULTITASK_PROMPT_TUNING'")
 
 
 def test_a_lora_folder_relabelled_adalora_is_refused(lora_dir, fresh) -> None:

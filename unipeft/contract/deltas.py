@@ -104,6 +104,14 @@ class DeltaModule(nn.Module):
         """Soft tokens ``(batch_size, P, D)`` for a sequence site."""
         raise TypeError(f"{type(self).__name__} does not provide tokens")
 
+    def prefix(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Optional: learned keys and values prepended to an attention's own (prefix
+        tuning). At an ``attn`` module site: ``(keys, values)``, each ``(N, P, D_kv)``
+        (``D_kv``: the width of the site's keys, all heads); at a Hugging Face text model's
+        token sequence: each ``(N, L, P, D_kv)``, one entry per layer of the stack. A delta
+        that implements it is run by the attention hosts, not called as ``forward``."""
+        raise TypeError(f"{type(self).__name__} does not provide prefix keys and values")
+
     def merged(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """New ``(weight, bias)`` of the site with this delta folded in.
 
@@ -121,6 +129,11 @@ class DeltaModule(nn.Module):
     def aux_loss(self) -> Tensor | None:
         """An auxiliary loss from the last forward pass, if the delta keeps one."""
         return None
+
+
+def provides_prefix(delta: DeltaModule) -> bool:
+    """Whether ``delta``'s class implements :meth:`DeltaModule.prefix`."""
+    return type(delta).prefix is not DeltaModule.prefix
 
 
 def _channels_last(y: Tensor, channel_dim: int) -> Tensor:

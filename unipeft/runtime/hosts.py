@@ -6,6 +6,9 @@ attachment on it, from every adapter. Each kind says which sites it claims
 (``claims(site)``), what it anchors on (``anchor(site)``) and how it is built
 (``create(site, state)``); the first kind in :data:`HOST_KINDS` that claims a site hosts
 it. A host whose last attachment leaves removes its hooks and is dropped from the table.
+A delta that provides prefix keys and values (:meth:`~unipeft.DeltaModule.prefix`) at a
+module site goes to the host of the attention itself instead: :class:`MHAHost` for an
+``nn.MultiheadAttention``, else :class:`AttentionHost`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from torch import nn
+
+from ..contract.deltas import provides_prefix
 from ..contract.sites import ModuleSite, SequenceSite
+from .attention_host import AttentionHost, attention_of
 from .mha_host import MHAHost
 from .module_host import ModuleHost
 from .sequence_host import SequenceHost
 from .state import AdapterState, Attachment
 
-__all__ = ["HOST_KINDS", "HostKind", "HostTable", "MHAHost", "ModuleHost", "SequenceHost"]
+__all__ = [
+    "HOST_KINDS",
+    "AttentionHost",
+    "HostKind",
+    "HostTable",
+    "MHAHost",
+    "ModuleHost",
+    "SequenceHost",
+]
 
 
 class HostKind(Protocol):
@@ -47,11 +62,11 @@ class HostTable:
         self._hosts: dict[tuple[type, int], Any] = {}
 
     def add(self, att: Attachment) -> None:
-        kind = _kind(att.site)
+        kind = _kind_of(att)
         self.open(kind, att.site).add(att, self)
 
     def remove(self, att: Attachment) -> None:
-        kind = _kind(att.site)
+        kind = _kind_of(att)
         self.release(kind, att.site, att)
 
     def open(self, kind: type, site: Any) -> Any:
@@ -75,6 +90,15 @@ class HostTable:
 
     def __len__(self) -> int:
         return len(self._hosts)
+
+
+def _kind_of(att: Attachment) -> type:
+    site = att.site
+    if isinstance(site, ModuleSite) and provides_prefix(att.delta):
+        if isinstance(attention_of(site), nn.MultiheadAttention):
+            return MHAHost
+        return AttentionHost
+    return _kind(site)
 
 
 def _kind(site: ModuleSite | SequenceSite) -> type:

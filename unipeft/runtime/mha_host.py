@@ -2,8 +2,10 @@
 
 It routes ``nn.MultiheadAttention.forward`` through an equivalent implementation that
 projects q/k/v with the fused ``in_proj_weight`` once, lets deltas act on each slice, and
-calls ``out_proj`` as a module (so its hooks run). The base weights are never modified on the
-forward pass.
+calls ``out_proj`` as a module (so its hooks run). Prefix deltas
+(:meth:`~unipeft.DeltaModule.prefix`) at the attention's ``attn`` site prepend their keys and
+values to the projected ones; every query sees them, under a causal ``attn_mask`` too. The
+base weights are never modified on the forward pass.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contract.deltas import provides_prefix
 from ..contract.sites import ModuleSite
+from .attention_host import running_prefix
 from .module_host import ModuleHost
 from .state import AdapterState, Attachment
 
@@ -29,32 +33,37 @@ class MHAHost:
                 "add_bias_kv / add_zero_attn; use a module-name target on out_proj instead"
             )
         self.mha = mha
+        self.state = state
         self.projections = ModuleHost(mha, state, hook=False)  # on in_proj slices
         self.users: set[int] = set()  # ids of attachments (in_proj or out_proj) needing us
+        self.prefixes: list[Attachment] = []  # prefix deltas at the attention's attn site
         self.out_host: ModuleHost | None = None
 
     # --------------------------------------------------------------- kind (see hosts.py)
     @staticmethod
     def claims(site: Any) -> bool:
         """Every module site inside an ``nn.MultiheadAttention``: its ``in_proj`` slices and
-        its ``out_proj`` (whose own host runs it, called from this forward)."""
+        its ``out_proj`` (whose own host runs it, called from this forward). Prefix deltas
+        on the attention itself are routed here by :mod:`~unipeft.runtime.hosts`."""
         return isinstance(site, ModuleSite) and isinstance(site.host, nn.MultiheadAttention)
 
     @staticmethod
     def anchor(site: ModuleSite) -> nn.Module:
-        assert site.host is not None
-        return site.host
+        host = site.host if site.host is not None else site.module
+        assert isinstance(host, nn.MultiheadAttention)
+        return host
 
     @classmethod
     def create(cls, site: ModuleSite, state: AdapterState) -> MHAHost:
-        assert isinstance(site.host, nn.MultiheadAttention)
-        return cls(site.host, state)
+        return cls(cls.anchor(site), state)  # type: ignore[arg-type]
 
     # --------------------------------------------------------------- bookkeeping
     def add(self, att: Attachment, table: Any) -> None:
         site = att.site
         assert isinstance(site, ModuleSite)
-        if site.module is self.mha:
+        if provides_prefix(att.delta):
+            self.prefixes.append(att)
+        elif site.module is self.mha:
             self.projections.add(att)
         else:  # out_proj: a module host of its own, which this forward calls
             self.out_host = table.open(ModuleHost, site)
@@ -66,7 +75,9 @@ class MHAHost:
     def remove(self, att: Attachment, table: Any) -> None:
         site = att.site
         assert isinstance(site, ModuleSite)
-        if site.module is self.mha:
+        if provides_prefix(att.delta):
+            self.prefixes.remove(att)
+        elif site.module is self.mha:
             self.projections.remove(att)
         else:
             table.release(ModuleHost, site, att)
@@ -80,6 +91,8 @@ class MHAHost:
 
     def _active(self) -> bool:
         if self.projections.running():
+            return True
+        if any(self.state.runs(a.adapter) for a in self.prefixes):
             return True
         return self.out_host is not None and bool(self.out_host.running())
 
@@ -121,10 +134,24 @@ class MHAHost:
         lk = k.shape[1]
         h = m.num_heads
         hd = e // h
+        mask = _merge_masks(attn_mask, key_padding_mask, n, h, lq, lk, q.dtype)
+        prefix = running_prefix(self.state, self.prefixes, n, "nn.MultiheadAttention")
+        p_len = 0
+        if prefix is not None:
+            p_len = prefix[0].shape[1]
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=1)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=1)
+            if mask is None and is_causal:
+                causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+                mask = torch.zeros(lq, lk, dtype=q.dtype, device=q.device)
+                mask = mask.masked_fill(~causal, float("-inf")).view(1, 1, lq, lk)
+            if mask is not None:  # the prefix is visible to every query
+                mask = torch.cat([mask.new_zeros((*mask.shape[:-1], p_len)), mask], dim=-1)
+            is_causal = False
+            lk = lk + p_len
         q = q.view(n, lq, h, hd).transpose(1, 2)
         k = k.view(n, lk, h, hd).transpose(1, 2)
         v = v.view(n, lk, h, hd).transpose(1, 2)
-        mask = _merge_masks(attn_mask, key_padding_mask, n, h, lq, lk, q.dtype)
         p = m.dropout if m.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / (hd**0.5)
@@ -147,6 +174,7 @@ class MHAHost:
         if not batched:
             out = out.squeeze(1 if not m.batch_first else 0)
         if weights is not None:
+            weights = weights[..., p_len:]  # the real keys' weights, as the caller expects
             weights = weights.mean(dim=1) if average_attn_weights else weights
             if not batched:
                 weights = weights.squeeze(0)

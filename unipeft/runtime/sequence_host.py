@@ -4,7 +4,9 @@ Each of a structure map's three styles (see :class:`~unipeft.contract.sites.Sequ
 differently; all of them insert the active adapters' tokens at the site's index and remove
 them from the outputs, so the backbone's output shapes do not change. Hugging Face text
 models also get their attention mask, token types and positions widened, with KV-cache
-generation and mixed batches (per-sample prompts, padded and masked) handled.
+generation and mixed batches (per-sample prompts, padded and masked) handled; prefix deltas
+(:meth:`~unipeft.DeltaModule.prefix`) at their token sequence enter as a key/value cache that
+already holds ``P`` positions, as Hugging Face PEFT's prefix tuning does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..contract.deltas import provides_prefix
 from ..contract.sites import SequenceSite
 from .state import AdapterState, Attachment
 
@@ -59,16 +62,33 @@ class SequenceHost:
                 h.remove()
             self._handles.clear()
 
+    def _prompt_atts(self) -> list[Attachment]:
+        return [a for a in self.attachments if not provides_prefix(a.delta)]
+
+    def _prefix_atts(self) -> list[Attachment]:
+        """The running prefix attachments (refused in a mixed batch)."""
+        atts = [a for a in self.attachments if provides_prefix(a.delta)]
+        if self.state.routing is not None:
+            if any(self.state.runs(a.adapter) for a in atts):
+                raise ValueError(
+                    "mixed batches with soft prompts or prefixes: a prefix adapter's keys "
+                    f"and values at {self.site.name!r} would be seen by every sample. Run "
+                    "these adapters in separate batches."
+                )
+            return []
+        return self.state.running(atts)
+
     def prompts(self, batch: int, ref: Tensor) -> Tensor | None:
         if self.state.routing is not None:
-            if any(self.state.runs(a.adapter) for a in self.attachments):
+            if any(self.state.runs(a.adapter) for a in self._prompt_atts()):
                 raise ValueError(
                     f"mixed batches with soft prompts need an attention mask to hide other "
                     f"samples' prompts; {self.site.name!r} has none (only Hugging Face text "
                     "models have one). Run these adapters in separate batches."
                 )
             return None
-        chunks = [a.delta.tokens(batch).to(ref.dtype) for a in self.state.running(self.attachments)]
+        running = self.state.running(self._prompt_atts())
+        chunks = [a.delta.tokens(batch).to(ref.dtype) for a in running]
         return torch.cat(chunks, dim=1) if chunks else None
 
     def mixed_prompts(self, ref: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -77,7 +97,7 @@ class SequenceHost:
         without tokens here, and for ``__base__``)."""
         routing = self.state.routing
         assert routing is not None
-        running = [a for a in self.attachments if self.state.runs(a.adapter)]
+        running = [a for a in self._prompt_atts() if self.state.runs(a.adapter)]
         if not running:
             return None
         n = len(routing.names)
@@ -169,11 +189,12 @@ class SequenceHost:
         before = len(self._inserted)
         x = self._insert(x, self.site.batch_first)
         p = self._inserted[-1] if len(self._inserted) > before else 0
-        mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+        at = _mask_position(module)
+        mask = args[at] if len(args) > at else kwargs.get("attn_mask")
         if p and mask is not None:
             mask = _widen_square_mask(mask, self.site.index, p)
-            if len(args) > 1:
-                args = (args[0], mask, *args[2:])
+            if len(args) > at:
+                args = (*args[:at], mask, *args[at + 1 :])
             else:
                 kwargs["attn_mask"] = mask
         return (x, *args[1:]), kwargs
@@ -188,6 +209,19 @@ class SequenceHost:
             return args, kwargs
         if past and self.state.routing is not None and self._active_prompt_length():
             raise ValueError("mixed batches with soft prompts do not support cached generation")
+        prefix_atts = self._prefix_atts()
+        if not prefix_atts:
+            return self._hf_prompts(module, args, kwargs, bound, past)
+        args, kwargs = self._hf_prompts(module, args, kwargs, dict(bound), past)
+        bound = kwargs if not args else _bind(module, args, kwargs)
+        return self._hf_prefixed(module, bound, past, prefix_atts)
+
+    def _hf_prompts(
+        self, module: nn.Module, args: tuple, kwargs: dict, bound: dict[str, Any], past: int
+    ) -> tuple[tuple, dict]:
+        """The soft-prompt part of :meth:`_hf_pre` (records how many tokens it inserted)."""
+        embeds = bound.get("inputs_embeds")
+        ids = bound.get("input_ids")
         if past:
             # a cached generation step: the cache already holds the soft tokens, so only the
             # mask and positions account for them, and nothing is inserted or stripped
@@ -257,13 +291,93 @@ class SequenceHost:
 
     def _active_prompt_length(self) -> int:
         return sum(
-            a.delta.tokens(1).shape[1] for a in self.attachments if self.state.runs(a.adapter)
+            a.delta.tokens(1).shape[1] for a in self._prompt_atts() if self.state.runs(a.adapter)
         )
+
+    def _hf_prefixed(
+        self, module: nn.Module, bound: dict[str, Any], past: int, atts: list[Attachment]
+    ) -> tuple[tuple, dict]:
+        """A forward with prefix adapters running: soft prompts first (the prompt path
+        on the arguments), then the prefixes as a cache of ``P`` positions in front of
+        everything, with ``P`` visible columns in front of the attention mask and
+        ``position_ids`` (when given) moved on by ``P``. On a cached step the cache already
+        holds the prefixes; only the mask and positions account for them."""
+        bound = dict(bound)
+        ref = bound.get("inputs_embeds")
+        if ref is None:
+            ids = bound.get("input_ids")
+            assert ids is not None
+            ref = ids
+            dtype = self.site.reference_tensor().dtype
+        else:
+            dtype = ref.dtype
+        batch = ref.shape[0]
+        pairs = [a.delta.prefix(batch) for a in atts]
+        n_prefix = sum(k.shape[2] for k, _ in pairs)
+        limit = self.site.max_length
+        total = (past or n_prefix) + ref.shape[1]
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"the active adapters' prefixes take {n_prefix} cached positions at "
+                f"{self.site.name!r} and the input {total - (past or n_prefix)} more: {total} "
+                f"positions, but the model's position table holds {limit}; give at most "
+                f"{limit - (past or n_prefix)} input tokens, or shorter prefixes"
+            )
+        if not past:
+            cache = _cache_argument(bound)
+            if cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache()
+            keys = torch.cat([k for k, _ in pairs], dim=2).to(dtype)
+            values = torch.cat([v for _, v in pairs], dim=2).to(dtype)
+            heads = _kv_heads(module)
+            for layer in range(keys.shape[1]):
+                k = keys[:, layer].unflatten(-1, (heads, -1)).transpose(1, 2)
+                v = values[:, layer].unflatten(-1, (heads, -1)).transpose(1, 2)
+                cache.update(k, v, layer)
+            bound[_cache_name(module, bound)] = cache
+        mask = bound.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            bound["attention_mask"] = _insert_cols(mask, 0, n_prefix, 1)
+        if bound.get("position_ids") is not None:
+            bound["position_ids"] = bound["position_ids"] + n_prefix
+        return (), bound
 
 
 def _insert_cols(t: Tensor, index: int, n: int, fill: int) -> Tensor:
     pad = t.new_full((t.shape[0], n), fill)
     return torch.cat([t[:, :index], pad, t[:, index:]], dim=1)
+
+
+def _cache_argument(bound: dict[str, Any]) -> Any:
+    """An (empty) cache object the caller passed, to fill in place (``generate`` keeps it)."""
+    for name in ("past_key_values", "cache"):
+        cache = bound.get(name)
+        if cache is not None and hasattr(cache, "update") and hasattr(cache, "get_seq_length"):
+            return cache
+    return None
+
+
+def _cache_name(module: nn.Module, bound: dict[str, Any]) -> str:
+    params = _signature(module).parameters
+    for name in ("past_key_values", "cache"):
+        if name in params or name in bound:
+            return name
+    return "past_key_values"
+
+
+def _kv_heads(module: nn.Module) -> int:
+    """Key/value heads of a Hugging Face text model's attention (grouped-query aware)."""
+    config = module.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = next(
+        int(v)
+        for v in (getattr(config, n, None) for n in ("num_attention_heads", "n_head", "num_heads"))
+        if isinstance(v, int)
+    )
+    return int(getattr(config, "num_key_value_heads", None) or heads)
 
 
 def _cached_length(bound: dict[str, Any]) -> int:
@@ -300,6 +414,13 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _mask_position(module: nn.Module) -> int:
+    """Where a container's positional attention mask sits: its ``attn_mask`` parameter (an
+    open_clip block takes ``(q_x, k_x, v_x, attn_mask)``), else the second argument."""
+    params = list(_signature(module).parameters)[1:]
+    return params.index("attn_mask") if "attn_mask" in params else 1
 
 
 def _widen_square_mask(mask: Tensor, index: int, p: int) -> Tensor:

@@ -2,7 +2,7 @@
 
 PEFT's ``save_pretrained`` is the format most published adapters use, so unipeft reads it
 (:func:`load`) and writes it (:func:`save`) for every method whose function both libraries
-compute the same way. LoRA (rsLoRA, DoRA), and prompt tuning are converted here; every other
+compute the same way. LoRA (rsLoRA, DoRA), prompt and prefix tuning are converted here; every other
 type through its :class:`~unipeft.features.interop.codec.PeftCodec`
 (:mod:`unipeft.features.interop.codecs`: (IA)^3, LoHa, LoKr, OFT, BOFT, VeRA, AdaLoRA...).
 
@@ -14,6 +14,13 @@ A PEFT directory holds ``adapter_config.json`` (``peft_type`` and the method's f
     base_model.model.<module path>.lora_B.weight   (out, r[, 1, ...])
     base_model.model.<module path>.lora_magnitude_vector   (out,) with use_dora
     prompt_embeddings                              (num_virtual_tokens, token_dim)
+    prompt_embeddings  (PREFIX_TUNING)             (num_virtual_tokens, num_layers·2·token_dim)
+
+A PREFIX_TUNING ``prompt_embeddings`` row holds, per layer ``l``, the key (columns
+``[2l·D, (2l+1)·D)``) and then the value of that prefix position (``D = token_dim``, the
+key/value width); PEFT writes the MLP's output there when it trained with
+``prefix_projection``, so unipeft reads it as ``prefix_projection=False`` and writes its
+own computed prefix the same way.
 
 The tensor keys, not ``target_modules``, decide where an adapter goes: they are what PEFT
 filled, so ``target_modules``, ``layers_to_transform`` and ``exclude_modules`` are honoured
@@ -52,6 +59,7 @@ from ._peft_common import (
     _sequence_site,
     supported_text,
 )
+from ._peft_prefix import export_prefix_tuning, plan_prefix_tuning
 from ._peft_read import read as _read
 from ._peft_save import (
     _EXPORTERS,
@@ -115,6 +123,7 @@ def _plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor
     planners: dict[str, Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], _Plan]] = {
         "LORA": _plan_lora,
         "PROMPT_TUNING": _plan_prompt_tuning,
+        "PREFIX_TUNING": _plan_prefix_tuning,
     }
     planner = planners.get(peft_type)
     codec = codec_for_type(peft_type) if planner is None else None
@@ -254,7 +263,11 @@ def _unknown_fields(
 ) -> list[str]:
     """Fields from newer PEFT versions: a warning, rather than refusing harmless defaults."""
     if known is None:
-        known = {"LORA": _LORA_KNOWN, "PROMPT_TUNING": _PROMPT_KNOWN}[peft_type]
+        known = {
+            "LORA": _LORA_KNOWN,
+            "PROMPT_TUNING": _PROMPT_KNOWN,
+            "PREFIX_TUNING": _PREFIX_KNOWN,
+        }[peft_type]
     known = set(known)
     unknown = sorted(n for n in config if n not in known and _is_set(config[n]))
     if not unknown:
@@ -480,6 +493,23 @@ def _plan_prompt_tuning(
     return _Plan("prompt_tuning", {"num_tokens": n}, ["tokens"], [site], states, notes)
 
 
+# ----------------------------------------------------------------------------- prefix tuning
+
+_PREFIX_KNOWN = {
+    *_PROMPT_KNOWN,
+    "encoder_hidden_size",
+    "prefix_projection",  # PEFT saves the projected prefix: the same tensor either way
+    "init_weights",
+}
+
+
+def _plan_prefix_tuning(
+    backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
+) -> _Plan:
+    _refuse("PREFIX_TUNING", config, {"modules_to_save": _MODULES_TO_SAVE})
+    return plan_prefix_tuning(backbone, config, tensors)
+
+
 # =================================================================================== save
 
 
@@ -494,7 +524,7 @@ def save(
 
     ``peft.PeftModel.from_pretrained(backbone, path)`` then loads it onto the same backbone.
     ``task_type`` is written to the config; by default ``None`` for LoRA and (IA)^3, and for
-    prompt tuning ``"CAUSAL_LM"`` on ``*ForCausalLM`` / ``*LMHeadModel`` backbones, else
+    prompt and prefix tuning ``"CAUSAL_LM"`` on ``*ForCausalLM`` / ``*LMHeadModel`` backbones, else
     ``"FEATURE_EXTRACTION"`` (PEFT needs one to insert the prompts).
     """
     if not isinstance(model, DeltaModel):
@@ -503,9 +533,13 @@ def save(
         )
     adapter = model.get_adapter(adapter_name)
     exporter = _EXPORTERS.get(adapter.method.id)
+    if adapter.method.id == "prefix_tuning":
+        exporter = export_prefix_tuning
     codec = codec_for_method(adapter.method.id) if exporter is None else None
     if exporter is None and codec is None:
-        methods = sorted({*_EXPORTERS, *(c.method for c in map(codec_for_type, types()) if c)})
+        methods = sorted(
+            {*_EXPORTERS, "prefix_tuning", *(c.method for c in map(codec_for_type, types()) if c)}
+        )
         raise AdapterError(
             f"adapter {adapter_name!r} uses method {adapter.method.id!r}, which PEFT cannot "
             f"load as an equivalent adapter; unipeft.features.interop.peft exports "
