@@ -20,7 +20,6 @@ from _parity import base, close, randomise  # noqa: E402
 
 import unipeft  # noqa: E402
 from unipeft import ConfigError, LoadError  # noqa: E402
-from unipeft.features.interop import _ptuning  # noqa: E402
 from unipeft.features.interop import peft as interop  # noqa: E402
 from unipeft.testing.backbones import BACKBONES  # noqa: E402
 
@@ -28,23 +27,6 @@ P = 3
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
 ENCODERS = ["MLP", "LSTM"]
-
-
-@pytest.fixture(autouse=True)
-def wired(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route P_TUNING through :mod:`unipeft.features.interop._ptuning` in ``peft.py`` while
-    ``peft.py`` does not dispatch it itself (the codec ``codecs/p_tuning.py`` registers the
-    type for the reader). The same functions either way."""
-    original = interop._plan
-
-    def plan(backbone, config, tensors):
-        if str(config.get("peft_type", "")).upper() == _ptuning.PEFT_TYPE:
-            return _ptuning.plan(backbone, config, tensors)
-        return original(backbone, config, tensors)
-
-    monkeypatch.setattr(interop, "_plan", plan)
-    for method, exporter in _ptuning.EXPORTERS.items():
-        monkeypatch.setitem(interop._EXPORTERS, method, exporter)
 
 
 def run(model: nn.Module, **kw) -> Tensor:

@@ -133,13 +133,7 @@ def plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
         "inference_mode": True,
     }
     notes = [_encoder_note(backbone, site, "loads")] if site.index != 0 else []
-    unknown = sorted(k for k in config if k not in KNOWN_FIELDS and _set(config[k]))
-    if unknown:
-        notes.append(
-            f"this {PEFT_TYPE} config sets fields unipeft.features.interop.peft does not "
-            f"know: {', '.join(unknown)} (written by PEFT {config.get('peft_version', '?')}). "
-            "If they change what the adapter computes, the loaded adapter differs from PEFT's"
-        )
+    # fields this reader does not know are reported by peft.py (KNOWN_FIELDS)
     states = {site.name: {"embedding": prompt}}
     return LoadPlan(METHOD, unipeft_config, ["tokens"], [site], states, notes)
 

@@ -48,6 +48,7 @@ from ...contract.plan import AdapterPlan
 from ...contract.sites import ModuleSite, Site
 from ...model import DeltaModel
 from ...runtime.registry import registry
+from . import _ptuning
 from ._peft_common import (
     _FIELD_MAP,
     CONFIG_FILE,
@@ -124,6 +125,7 @@ def _plan(backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor
         "LORA": _plan_lora,
         "PROMPT_TUNING": _plan_prompt_tuning,
         "PREFIX_TUNING": _plan_prefix_tuning,
+        _ptuning.PEFT_TYPE: _ptuning.plan,
     }
     planner = planners.get(peft_type)
     codec = codec_for_type(peft_type) if planner is None else None
@@ -267,6 +269,7 @@ def _unknown_fields(
             "LORA": _LORA_KNOWN,
             "PROMPT_TUNING": _PROMPT_KNOWN,
             "PREFIX_TUNING": _PREFIX_KNOWN,
+            _ptuning.PEFT_TYPE: _ptuning.KNOWN_FIELDS,
         }[peft_type]
     known = set(known)
     unknown = sorted(n for n in config if n not in known and _is_set(config[n]))
@@ -532,13 +535,18 @@ def save(
             f"save() takes the DeltaModel that holds the adapter, got {type(model).__name__}"
         )
     adapter = model.get_adapter(adapter_name)
-    exporter = _EXPORTERS.get(adapter.method.id)
+    exporter = _EXPORTERS.get(adapter.method.id) or _ptuning.EXPORTERS.get(adapter.method.id)
     if adapter.method.id == "prefix_tuning":
         exporter = export_prefix_tuning
     codec = codec_for_method(adapter.method.id) if exporter is None else None
     if exporter is None and codec is None:
         methods = sorted(
-            {*_EXPORTERS, "prefix_tuning", *(c.method for c in map(codec_for_type, types()) if c)}
+            {
+                *_EXPORTERS,
+                *_ptuning.EXPORTERS,
+                "prefix_tuning",
+                *(c.method for c in map(codec_for_type, types()) if c),
+            }
         )
         raise AdapterError(
             f"adapter {adapter_name!r} uses method {adapter.method.id!r}, which PEFT cannot "
