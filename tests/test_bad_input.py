@@ -411,7 +411,7 @@ CASES = [
     _case("site-kind-tokens", _bert, lambda m, f: A(m, "lora", targets=["tokens"]), TargetError, "'lora'", "sequence site"),
     _case("site-kind-prompt-on-proj", _bert, lambda m, f: A(m, "prompt_tuning", targets=["attn.q"]), TargetError, "'prompt_tuning'", "sequence"),
     _case("site-bitfit-sublayer", _bert, lambda m, f: A(m, "bitfit", targets=["mlp"]), TargetError, "'bitfit'", "sublayer path"),
-    _case("site-only-optional-refused", _bert, lambda m, f: A(m, "lora", targets=["norm?"]), TargetError, "'lora'", "found no site"),
+    _case("site-only-optional-refused", _bert, lambda m, f: A(m, "lora", targets=["norm?"]), TargetError, "'lora'", "match nothing method 'lora' can attach to"),
     # ---------------------------------------------------------------- config values
     _case("config-r-zero", _bert, lambda m, f: A(m, "lora", r=0), ConfigError, "'r'", ">= 1"),
     _case("config-r-negative", _bert, lambda m, f: A(m, "lora", r=-1), ConfigError, "'r'", ">= 1"),

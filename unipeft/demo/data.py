@@ -221,3 +221,122 @@ def digits_transfer_split(
         pretrain=_split(x, y, pretrain_classes, rng, test_fraction, None),
         adapt=_split(x, y, adapt_classes, rng, test_fraction, max_adapt_train),
     )
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+"""The class names that the CLIP task's captions and prompts use, digit ``i`` at index ``i``."""
+
+
+SHIFT_DEGREES = 30.0
+SHIFT_TINT = (1.0, 0.6, 0.3)
+
+
+def shift_domain(x: Tensor) -> Tensor:
+    """The CLIP task's shifted domain: images ``(N, 3, H, W)`` in [-1, 1] rotated by
+    :data:`SHIFT_DEGREES` counter-clockwise about their centre (bilinear; the corners
+    filled with the background, -1) and tinted (each channel times :data:`SHIFT_TINT`).
+    The same shift for every class, so what an adaptation learns about it on some classes
+    can carry over to others."""
+    angle = torch.tensor(SHIFT_DEGREES * np.pi / 180.0)
+    cos, sin = float(torch.cos(angle)), float(torch.sin(angle))
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype)
+    grid = torch.nn.functional.affine_grid(
+        theta.expand(len(x), 2, 3), list(x.shape), align_corners=False
+    )
+    rotated = torch.nn.functional.grid_sample(x + 1, grid, align_corners=False) - 1
+    tint = torch.tensor(SHIFT_TINT, dtype=x.dtype).view(1, 3, 1, 1)
+    return rotated * tint
+
+
+@dataclass(frozen=True)
+class BaseToNovelSplit:
+    """The CLIP task's data. ``pretrain_*``: clean images of every digit (labels are the
+    digits), for contrastive pretraining with captions. The rest are shifted images
+    (:func:`shift_domain`) of other images: ``train_*`` and ``val_*`` are shots of the base
+    classes, ``base_test_*`` the base classes' test images and ``novel_test_*`` the novel
+    classes' (labels ``0..4`` within each group, in the order of ``base`` / ``novel``)."""
+
+    pretrain_x: Tensor
+    pretrain_y: Tensor
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    base_test_x: Tensor
+    base_test_y: Tensor
+    novel_test_x: Tensor
+    novel_test_y: Tensor
+    base: tuple[int, ...]
+    novel: tuple[int, ...]
+
+
+def digits_base_to_novel_split(
+    seed: int = 0,
+    *,
+    size: int = 32,
+    shots: int = 16,
+    val_shots: int = 8,
+    adapt_fraction: float = 0.4,
+    base: Sequence[int] = (0, 1, 2, 3, 4),
+    novel: Sequence[int] = (5, 6, 7, 8, 9),
+) -> BaseToNovelSplit:
+    """scikit-learn's digits for a CLIP base-to-novel task, seeded.
+
+    Each digit's images are shuffled with ``numpy.random.default_rng(seed)``; the first
+    ``adapt_fraction`` of them go to the shifted domain, the rest pretrain (clean). In the
+    shifted domain a base class gives ``shots`` training and ``val_shots`` validation
+    images and the rest to its test set; a novel class gives all of them to its test set.
+    No image is in two sets.
+    """
+    if set(base) & set(novel):
+        raise ValueError("base and novel classes must not overlap")
+    x, y = _digit_images(size)
+    rng = np.random.default_rng(seed)
+    pre: list[np.ndarray] = []
+    parts: dict[str, list[tuple[np.ndarray, int]]] = {
+        "train": [],
+        "val": [],
+        "base": [],
+        "novel": [],
+    }
+    for digit in range(10):
+        index = np.flatnonzero(y == digit)
+        index = index[rng.permutation(len(index))]
+        n_adapt = round(adapt_fraction * len(index))
+        adapt, rest = index[:n_adapt], index[n_adapt:]
+        pre.append(rest)
+        if digit in base:
+            label = list(base).index(digit)
+            if n_adapt <= shots + val_shots:
+                raise ValueError(f"digit {digit} has too few images for {shots}+{val_shots} shots")
+            parts["train"].append((adapt[:shots], label))
+            parts["val"].append((adapt[shots : shots + val_shots], label))
+            parts["base"].append((adapt[shots + val_shots :], label))
+        elif digit in novel:
+            parts["novel"].append((adapt, list(novel).index(digit)))
+
+    def gather(groups: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
+        index = np.concatenate([g for g, _ in groups])
+        labels = torch.cat([torch.full((len(g),), c, dtype=torch.long) for g, c in groups])
+        return shift_domain(x[torch.from_numpy(index)]), labels
+
+    pre_index = np.concatenate(pre)
+    pre_index = pre_index[rng.permutation(len(pre_index))]
+    train_x, train_y = gather(parts["train"])
+    val_x, val_y = gather(parts["val"])
+    base_x, base_y = gather(parts["base"])
+    novel_x, novel_y = gather(parts["novel"])
+    return BaseToNovelSplit(
+        pretrain_x=x[torch.from_numpy(pre_index)],
+        pretrain_y=torch.from_numpy(y[pre_index]).long(),
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        base_test_x=base_x,
+        base_test_y=base_y,
+        novel_test_x=novel_x,
+        novel_test_y=novel_y,
+        base=tuple(int(c) for c in base),
+        novel=tuple(int(c) for c in novel),
+    )

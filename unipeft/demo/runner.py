@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,10 @@ class Task:
     test_batches: Sequence[Batch]
     probe_batches: Sequence[Batch]
     """The training set in evaluation order, for the linear probe's cached features."""
+    validation: Callable[[], Task] | None = None
+    """The same task on a validation split carved from the training set (trained on the
+    rest of it, scored on the carved part), for choosing hyperparameters; never the test
+    split."""
 
 
 def plan(clf: Classifier, recipe: Recipe, budget: float) -> unipeft.BudgetPlan:
@@ -50,18 +54,18 @@ def plan(clf: Classifier, recipe: Recipe, budget: float) -> unipeft.BudgetPlan:
     )
 
 
-def prepare(clf: Classifier, recipe: Recipe, budget: float) -> unipeft.DeltaModel | None:
-    """Set what trains: everything (full), the head (probe), or a unipeft method + head."""
+def prepare(clf: Classifier, recipe: Recipe, budget: float) -> dict[str, Any]:
+    """Set what trains: everything (full), the head (probe), or a unipeft method + head;
+    return the method's configuration (with its budget-sized field)."""
     if recipe.family == "full":
         clf.requires_grad_(True)
-        return None
+        return {}
     if recipe.family == "probe":
         clf.encoder.requires_grad_(False)
-        return None
+        return {}
     p = plan(clf, recipe, budget)
-    model = unipeft.apply(clf.encoder, p.method, targets=p.targets, **p.config)
-    clf.encoder = model
-    return model
+    clf.encoder = unipeft.apply(clf.encoder, p.method, targets=p.targets, **p.config)
+    return dict(p.config)
 
 
 def _train_probe(
@@ -97,7 +101,7 @@ def run_recipe(task: Task, recipe: Recipe, seed: int, device: torch.device, budg
     torch.manual_seed(seed)
     clf = task.make()
     total = count_parameters(clf)
-    prepare(clf, recipe, budget)
+    config = prepare(clf, recipe, budget)
     clf.to(device)
     trainable = count_parameters(clf, trainable_only=True)
     if recipe.family == "probe":
@@ -128,7 +132,20 @@ def run_recipe(task: Task, recipe: Recipe, seed: int, device: torch.device, budg
         accuracy=accuracy(clf, task.test_batches, device),
         train_seconds=seconds,
         peak_memory_bytes=peak,
+        seed=seed,
+        hyperparameters=recipe.hyperparameters(config or None),
     )
+
+
+def select_lr(recipe: Recipe, score: Callable[[Recipe], float]) -> tuple[Recipe, dict[str, float]]:
+    """The recipe at the learning rate of ``recipe.grid`` with the best validation score
+    (``score``; the first of equals), and every score by learning rate. A recipe without a
+    grid is returned as it is."""
+    if not recipe.grid:
+        return recipe, {}
+    scores = {lr: score(recipe.with_lr(lr)) for lr in recipe.grid}
+    best = max(recipe.grid, key=lambda lr: scores[lr])  # max keeps the first of equals
+    return recipe.with_lr(best), {f"lr={lr:g}": acc for lr, acc in scores.items()}
 
 
 def run_recipes(
@@ -138,14 +155,33 @@ def run_recipes(
     device: torch.device,
     budget: float,
     progress: Callable[[str], None],
+    select: bool = False,
 ) -> list[Row]:
-    """Every recipe on ``task``, in order, reporting each finished row to ``progress``."""
+    """Every recipe on ``task``, in order, reporting each finished row to ``progress``.
+
+    ``select``: first choose each recipe's learning rate from its grid on the task's
+    validation split (:func:`select_lr`), then train on the whole training set with it."""
     rows = []
+    held_out = task.validation() if select and task.validation is not None else None
     for recipe in recipes:
-        row = run_recipe(task, recipe, seed, device, budget)
+        scores: dict[str, float] = {}
+        if held_out is not None:
+
+            def score(r: Recipe, val: Task = held_out) -> float:
+                return run_recipe(val, r, seed, device, budget).accuracy
+
+            recipe, scores = select_lr(recipe, score)
+            if scores:
+                progress(f"{task.name} | {recipe.name}: validation {_show(scores)}")
+        row = replace(run_recipe(task, recipe, seed, device, budget), validation=scores)
         progress(
             f"{task.name} | {row.method}: accuracy {row.accuracy:.4f}, "
-            f"{100 * row.trainable_fraction:.3g}% trainable, {row.train_seconds:.1f}s"
+            f"{100 * row.trainable_fraction:.3g}% trainable, {row.train_seconds:.1f}s, "
+            f"lr {recipe.lr:g}"
         )
         rows.append(row)
     return rows
+
+
+def _show(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..training import TextClassifier
+from .chosen import chosen
 from .data import PolaritySplit, vader_polarity_split
 from .models import load_minilm
 from .runner import Task, run_recipes
@@ -64,24 +65,37 @@ def eval_batches(
 ALL_PROJECTIONS = ["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"]
 
 
+VALIDATION_FRACTION = 0.1
+"""The share of the training words held out to choose hyperparameters (``--select``)."""
+
+
 def recipes(quick: bool) -> list[Recipe]:
-    """The rows of the text task. Every method trains 2 epochs; learning rates (and LoRA's
-    targets) were picked by a few runs (see docs/demo.md). ``quick`` trains 1 epoch."""
+    """The rows of the text task. Every method trains 2 epochs (``quick``: 1) at the
+    learning rate that ``--select`` chose from its grid on seed 0's validation split
+    (:data:`unipeft.demo.chosen.CHOSEN`)."""
     e = 1 if quick else 2
-    return [
-        Recipe("full fine-tuning", "full", lr=2e-4, head_lr=1e-3, epochs=e),
-        Recipe("linear probe", "probe", lr=1e-2, epochs=20 if quick else 60),
-        Recipe("lora", "reparameterized", "lora", targets=ALL_PROJECTIONS, lr=5e-3, epochs=e),
-        Recipe("bottleneck_adapter", "additive", "bottleneck_adapter", lr=3e-3, epochs=e),
-        Recipe("prompt_tuning", "additive", "prompt_tuning", {"num_tokens": 8}, lr=3e-2, epochs=e),
-        Recipe("bitfit", "selective", "bitfit", lr=5e-3, epochs=e),
-        Recipe("unipelt", "hybrid", "unipelt", {"prompt_tokens": 4}, lr=3e-3, epochs=e),
-        Recipe("moe_lora", "moe", "moe_lora", lr=5e-3, epochs=e),
-    ]
+    return chosen(
+        TASK,
+        [
+            Recipe("full fine-tuning", "full", lr=2e-4, head_lr=1e-3, epochs=e),
+            Recipe("linear probe", "probe", lr=1e-2, epochs=20 if quick else 60),
+            Recipe("lora", "reparameterized", "lora", targets=ALL_PROJECTIONS, lr=5e-3, epochs=e),
+            Recipe("bottleneck_adapter", "additive", "bottleneck_adapter", lr=3e-3, epochs=e),
+            Recipe(
+                "prompt_tuning", "additive", "prompt_tuning", {"num_tokens": 8}, lr=3e-2, epochs=e
+            ),
+            Recipe("bitfit", "selective", "bitfit", lr=5e-3, epochs=e),
+            Recipe("unipelt", "hybrid", "unipelt", {"prefix_tokens": 4}, lr=3e-3, epochs=e),
+            Recipe("moe_lora", "moe", "moe_lora", lr=5e-3, epochs=e),
+        ],
+        quick,
+    )
 
 
 def build_task(seed: int, quick: bool) -> Task:
-    """The VADER split, tokenised, and a factory of fresh MiniLM classifiers."""
+    """The VADER split, tokenised, and a factory of fresh MiniLM classifiers. Its
+    ``validation`` task trains on the first 90% of the training words and scores on the
+    last 10% (the training words are already in the seed's shuffled order)."""
     split: PolaritySplit = vader_polarity_split(seed)
     proto, tokenizer = load_minilm()
     pad = int(tokenizer.pad_token_id)
@@ -90,6 +104,19 @@ def build_task(seed: int, quick: bool) -> Task:
     if quick:
         train_x, train_y = train_x[:256], train_y[:256]
         test_x, test_y = test_x[:256], test_y[:256]
+    n_fit = len(train_x) - round(VALIDATION_FRACTION * len(train_x))
+    return _task(proto, pad, (train_x, train_y), (test_x, test_y), n_fit)
+
+
+def _task(
+    proto: Any,
+    pad: int,
+    train_set: tuple[list[list[int]], list[int]],
+    test_set: tuple[list[list[int]], list[int]],
+    n_fit: int | None,
+) -> Task:
+    train_x, train_y = train_set
+    test_x, test_y = test_set
 
     def make() -> TextClassifier:
         return TextClassifier(copy.deepcopy(proto), int(proto.config.hidden_size), 2)
@@ -105,6 +132,15 @@ def build_task(seed: int, quick: bool) -> Task:
         draw=bucketed(train_x, BATCH),
         test_batches=eval_batches(test_x, test_y, 256, pad),
         probe_batches=eval_batches(train_x, train_y, 256, pad),
+        validation=None
+        if n_fit is None
+        else lambda: _task(
+            proto,
+            pad,
+            (train_x[:n_fit], train_y[:n_fit]),
+            (train_x[n_fit:], train_y[n_fit:]),
+            None,
+        ),
     )
 
 
@@ -115,7 +151,10 @@ def run(
     budget: float,
     progress: Callable[[str], None],
     only: Sequence[str] | None = None,
+    select: bool = False,
 ) -> list[Row]:
-    """Every text recipe (or those named in ``only``) at ``budget``."""
-    chosen = [r for r in recipes(quick) if only is None or r.name in only]
-    return run_recipes(build_task(seed, quick), chosen, seed, device, budget, progress)
+    """Every text recipe (or those named in ``only``) at ``budget``; ``select``: choose
+    each learning rate on the validation split first."""
+    picked = [r for r in recipes(quick) if only is None or r.name in only]
+    task = build_task(seed, quick)
+    return run_recipes(task, picked, seed, device, budget, progress, select=select)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,22 @@ ROW_KEYS = (
     "accuracy",
     "train_seconds",
     "peak_memory_bytes",
+    "seed",
+    "hyperparameters",
+    "validation",
+    "base_accuracy",
+    "novel_accuracy",
 )
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the results table (the keys of ``results.json``)."""
+    """One line of the results table (the keys of ``results.json``).
+
+    On the CLIP base-to-novel task ``accuracy`` is the harmonic mean of ``base_accuracy``
+    and ``novel_accuracy`` (both None on the other tasks). ``hyperparameters`` are the
+    values the row trained with; ``validation`` maps each value tried by a selection run
+    (``--select``) to its validation accuracy (empty when the stored choice was used)."""
 
     task: str
     method: str
@@ -47,6 +57,11 @@ class Row:
     accuracy: float
     train_seconds: float
     peak_memory_bytes: int
+    seed: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    base_accuracy: float | None = None
+    novel_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +84,25 @@ class Recipe:
     epochs: int = 1
     head_lr: float | None = None
     """Learning rate of the head (default: ``lr``)."""
+    grid: tuple[float, ...] = ()
+    """The learning rates a selection run (``--select``) tries on the validation split;
+    ``lr`` is the one stored from the last selection (see :mod:`unipeft.demo.chosen`)."""
+
+    def with_lr(self, lr: float) -> Recipe:
+        """This recipe at learning rate ``lr`` (the head's scaled alike, if it has its own)."""
+        head = None if self.head_lr is None else self.head_lr * lr / self.lr
+        return replace(self, lr=lr, head_lr=head)
+
+    def hyperparameters(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the row trains with: learning rate(s), epochs, targets and the method's
+        configuration (``config``: the planned one, with the budget-sized field)."""
+        out: dict[str, Any] = {"lr": self.lr, "epochs": self.epochs}
+        if self.head_lr is not None:
+            out["head_lr"] = self.head_lr
+        if self.targets is not None:
+            out["targets"] = list(self.targets)
+        out.update(config if config is not None else self.config)
+        return out
 
 
 def set_determinism(seed: int, threads: int) -> None:

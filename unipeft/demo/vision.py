@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .chosen import chosen
 from .data import DigitsSplit, DigitsTransfer, digits_transfer_split
 from .models import ImageClassifier, small_clip_image_tower, small_timm_vit
 from .runner import Task, run_recipes
@@ -26,10 +27,19 @@ def image_batches(x: Tensor, y: Tensor) -> list[Batch]:
     return [({"pixels": x[i]}, y[i]) for i in torch.arange(len(y)).split(BATCH)]
 
 
-def recipes(quick: bool) -> list[Recipe]:
-    """The rows of a vision task, at the learning rates picked by a sweep on seed 1 (see
-    docs/demo.md); ``quick`` trains a few epochs only."""
+VALIDATION_FRACTION = 0.2
+"""The share of the adaptation training images held out to choose hyperparameters."""
+
+
+def recipes(quick: bool, kind: str = "timm") -> list[Recipe]:
+    """The rows of the vision task on the ``kind`` tower (``quick``: a few epochs only), at
+    the learning rates that ``--select`` chose on seed 0's validation split
+    (:data:`unipeft.demo.chosen.CHOSEN`)."""
     e = 3 if quick else 20
+    return chosen(BACKBONES[kind][0], _recipes(e), quick)
+
+
+def _recipes(e: int) -> list[Recipe]:
     return [
         Recipe("full fine-tuning", "full", lr=1e-3, head_lr=5e-3, epochs=e),
         Recipe("linear probe", "probe", lr=3e-2, epochs=5 * e),
@@ -38,7 +48,7 @@ def recipes(quick: bool) -> list[Recipe]:
         Recipe("prompt_tuning", "additive", "prompt_tuning", {"num_tokens": 8}, lr=2e-2, epochs=e),
         Recipe("bitfit", "selective", "bitfit", lr=2e-2, epochs=e),
         Recipe(
-            "unipelt", "hybrid", "unipelt", {"bottleneck": 1, "prompt_tokens": 4}, lr=1e-2, epochs=e
+            "unipelt", "hybrid", "unipelt", {"bottleneck": 1, "prefix_tokens": 3}, lr=1e-2, epochs=e
         ),
         Recipe("moe_lora", "moe", "moe_lora", {"num_experts": 2}, lr=5e-3, epochs=e),
     ]
@@ -87,14 +97,31 @@ def build_task(
     def make() -> ImageClassifier:
         return ImageClassifier(copy.deepcopy(proto), FEATURES, adapt.num_classes)
 
+    n_fit = len(adapt.train_y) - round(VALIDATION_FRACTION * len(adapt.train_y))
+    return _task(name, make, (adapt.train_x, adapt.train_y), (adapt.test_x, adapt.test_y), n_fit)
+
+
+def _task(
+    name: str,
+    make: Callable[[], ImageClassifier],
+    train_set: tuple[Tensor, Tensor],
+    test_set: tuple[Tensor, Tensor],
+    n_fit: int | None,
+) -> Task:
+    """A task; with ``n_fit``, its validation task trains on the first ``n_fit`` training
+    images (already in the seed's shuffled order) and scores on the rest."""
+    (x, y), (tx, ty) = train_set, test_set
     return Task(
         name=name,
         make=make,
-        train_data=TensorExamples("pixels", adapt.train_x, adapt.train_y),
+        train_data=TensorExamples("pixels", x, y),
         collate=fetched,
-        draw=shuffled(len(adapt.train_y), BATCH),
-        test_batches=image_batches(adapt.test_x, adapt.test_y),
-        probe_batches=image_batches(adapt.train_x, adapt.train_y),
+        draw=shuffled(len(y), BATCH),
+        test_batches=image_batches(tx, ty),
+        probe_batches=image_batches(x, y),
+        validation=None
+        if n_fit is None
+        else lambda: _task(name, make, (x[:n_fit], y[:n_fit]), (x[n_fit:], y[n_fit:]), None),
     )
 
 
@@ -106,12 +133,14 @@ def run(
     progress: Callable[[str], None],
     kinds: Sequence[str] = ("timm", "clip"),
     only: Sequence[str] | None = None,
+    select: bool = False,
 ) -> list[Row]:
-    """Every vision recipe (or those in ``only``) on each tower in ``kinds``."""
+    """Every vision recipe (or those in ``only``) on each tower in ``kinds``; ``select``:
+    choose each learning rate on the validation split first."""
     data = digits_transfer_split(seed, max_adapt_train=160 if quick else None)
-    chosen = [r for r in recipes(quick) if only is None or r.name in only]
     rows: list[Row] = []
     for kind in kinds:
+        picked = [r for r in recipes(quick, kind) if only is None or r.name in only]
         task = build_task(kind, data, seed, quick, device, progress)
-        rows += run_recipes(task, chosen, seed, device, budget, progress)
+        rows += run_recipes(task, picked, seed, device, budget, progress, select=select)
     return rows
