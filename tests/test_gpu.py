@@ -26,6 +26,14 @@ def _fitting(method: str, bb) -> dict:
     size wider than the layers), the simplest drawn config that does."""
     spec = unipeft.get_method(method)
     backbone = bb.make()
+    try:
+        unipeft.DeltaModel(backbone).plan(method)
+    except unipeft.TargetError as exc:  # a vision- or CLIP-only method on another backbone
+        if "match" in str(exc) and "nothing" in str(exc):
+            pytest.skip(f"{method} does not attach to {bb.name} by default: {exc}")
+        raise
+    except unipeft.ConfigError:
+        pass
 
     def fits(cfg) -> bool:
         try:
