@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _snippets import RUNNER
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
@@ -30,7 +29,18 @@ def _blocks() -> list[tuple[str, int, str]]:
     ("doc", "index", "code"), [pytest.param(*b, id=f"{b[0]}#{b[1]}") for b in _blocks()]
 )
 def test_example_runs(doc: str, index: int, code: str) -> None:
-    # a fresh interpreter per example: an import the example forgot cannot hide behind one
-    # that an earlier test made
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, f"{doc} example {index} failed:\n{result.stderr[-2000:]}"
+    # a process of its own per example (forked from one that paid the imports): an import
+    # the example forgot cannot hide behind one that an earlier test made
+    result = RUNNER.run(code)
+    assert result.returncode == 0, f"{doc} example {index} failed:\n{result.output[-2000:]}"
+
+
+def test_examples_run_isolated() -> None:
+    """The runner the examples use: a forgotten import fails, and nothing one example
+    changes reaches the next."""
+    forgot = RUNNER.run("print(unipeft.__version__)")
+    assert forgot.returncode == 1 and "NameError" in forgot.output
+    assert RUNNER.run("import builtins; builtins.LEAK = 1").returncode == 0
+    later = RUNNER.run("import builtins; assert not hasattr(builtins, 'LEAK')")
+    assert later.returncode == 0, later.output
+    assert RUNNER.run("raise SystemExit(3)").returncode == 3
