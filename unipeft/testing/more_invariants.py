@@ -235,7 +235,9 @@ def _step(model: DeltaModel, bb: TinyBackbone, how: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.deltas.parameters() if p.requires_grad]
     if how == "optimizer":
-        opt = torch.optim.SGD(params, lr=0.05)
+        # Adam: every parameter with a gradient moves by about lr, however small the
+        # gradient (a one-vector VB-LoRA bank's is 1e-8: SGD would not change a bit)
+        opt = torch.optim.Adam(params, lr=0.01)
         for name in model.adapters:
             model.set_active(name)
             out = bb.run(model, bb.sample(1))
