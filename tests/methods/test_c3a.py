@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+
+from _parity_spectral import base as _base  # noqa: E402
+from _parity_spectral import (  # noqa: E402
+    close,
+    every_layout_merges,
+    merged_diff,
+    randn_,
+)
+from _parity_spectral import run as _run  # noqa: E402
 
 import unipeft  # noqa: E402
 from unipeft.contract.deltas import ProjectionShape  # noqa: E402
@@ -30,48 +38,6 @@ CASES = {
     ),
     "vit": (["qkv", "fc1"], [r"blocks\.\d+\.attn\.qkv", r"blocks\.\d+\.mlp\.fc1"]),
 }
-
-
-def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=5,
-    ).eval()  # fmt: skip
-
-
-def _run(model: nn.Module, kind: str) -> Tensor:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        if kind == "vit":
-            return model(torch.randn(2, 3, 32, 32, generator=g))
-        return model(input_ids=torch.randint(0, 100, (2, 7), generator=g)).last_hidden_state
-
-
-def _close(a: Tensor, b: Tensor, what: str) -> float:
-    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    d = (a - b).abs().max().item()
-    scale = max(1.0, b.abs().max().item())
-    print(f"c3a {what}: max abs diff {d:.3e} (output scale {scale:.3g})")
-    assert d <= 1e-5 * scale, f"{what}: {d:.3e}"
-    return d
-
-
-def _randomise(params: list[nn.Parameter], seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def _weights(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ----------------------------------------------------------------------------- the maths
@@ -95,20 +61,7 @@ def test_the_fft_forward_is_the_block_circulant_weight() -> None:
 
 def test_every_linear_layout_runs_and_merges() -> None:
     """Fused q/v slices (timm), GPT-2 Conv1D, MHA in_proj slices and out_proj (open_clip)."""
-    for name, targets in (
-        ("timm_vit", ["attn.q", "attn.v", "mlp.up"]),
-        ("gpt2", ["attn.q", "attn.v", "mlp.up"]),
-        ("open_clip", ["attn.q", "attn.k", "attn.v", "attn.out"]),
-    ):
-        bb = BACKBONES[name]
-        model = unipeft.apply(bb.make(), "c3a", block_size=8, targets=targets)
-        _randomise(list(model.deltas.parameters()), 2)
-        with torch.no_grad():
-            x = bb.sample(0)
-            before = bb.run(model, x)
-            model.merge()
-            merged = bb.run(model, x)
-        torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-4)
+    every_layout_merges("c3a", 2, block_size=8)
 
 
 def test_block_size_that_does_not_divide_is_refused_naming_it() -> None:
@@ -138,20 +91,15 @@ def test_from_peft(kind: str, tmp_path: Path) -> None:
     peft_targets, _ = CASES[kind]
     config = peft.C3AConfig(block_size=8, target_modules=peft_targets, init_weights="gaussian")
     ref = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    _randomise([p for n, p in ref.named_parameters() if "c3a_kernel" in n], 1)
+    randn_([p for n, p in ref.named_parameters() if "c3a_kernel" in n], 1)
     ref.save_pretrained(str(tmp_path))
     model = interop.load(copy.deepcopy(base), tmp_path).eval()
     assert model.adapters["default"].config.block_size == 8
     expected = _run(ref, kind)
     assert (expected - _run(base, kind)).abs().max() > 1e-2  # not the identity
-    _close(_run(model, kind), expected, f"{kind} from PEFT")
+    close(_run(model, kind), expected, f"c3a {kind} from PEFT")
     model.merge()
-    merged = ref.merge_and_unload()
-    got, want = _weights(model.base_model), _weights(merged)
-    assert got.keys() == want.keys()
-    diff = max((got[k] - want[k]).abs().max().item() for k in got)
-    print(f"c3a {kind} from PEFT merged weights: max abs diff {diff:.3e}")
-    assert diff <= 1e-6
+    merged_diff(model.base_model, ref.merge_and_unload(), f"c3a {kind} from PEFT", scaled=False)
 
 
 @pytest.mark.parametrize("kind", ["bert", "vit"])
@@ -159,18 +107,15 @@ def test_to_peft(kind: str, tmp_path: Path) -> None:
     base = _base(kind)
     _, targets = CASES[kind]
     model = unipeft.apply(copy.deepcopy(base), "c3a", block_size=16, targets=targets).eval()
-    _randomise(list(model.deltas.parameters()), 3)
+    randn_(list(model.deltas.parameters()), 3)
     expected = _run(model, kind)
     interop.save(model, tmp_path)
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     assert ref.peft_config["default"].block_size == 16
-    _close(_run(ref, kind), expected, f"{kind} to PEFT")
+    close(_run(ref, kind), expected, f"c3a {kind} to PEFT")
     merged = ref.merge_and_unload()
     model.merge()
-    got, want = _weights(model.base_model), _weights(merged)
-    diff = max((got[k] - want[k]).abs().max().item() for k in got)
-    print(f"c3a {kind} to PEFT merged weights: max abs diff {diff:.3e}")
-    assert diff <= 1e-6
+    merged_diff(model.base_model, merged, f"c3a {kind} to PEFT", scaled=False, same_keys=False)
 
 
 def test_export_refuses_what_peft_cannot_adapt(tmp_path: Path) -> None:

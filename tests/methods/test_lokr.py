@@ -21,6 +21,15 @@ peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
+from _parity import max_diff as _diff  # noqa: E402
+from _parity_spectral import (  # noqa: E402
+    base,
+    counts_identity_and_merge,
+    run,
+    train_mode_diff,
+)
+from _parity_spectral import close_lycoris as _close  # noqa: E402
+from _parity_spectral import merged_weights as _merged_weights  # noqa: E402
 from peft.tuners.lokr.layer import factorization  # noqa: E402  (the oracle)
 
 import unipeft  # noqa: E402
@@ -65,41 +74,11 @@ class _Conv1dNet(nn.Sequential):
 
 
 def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    if kind == "conv1d":
-        return _Conv1dNet().eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=5, drop_rate=0.0,
-    ).eval()  # fmt: skip
+    return base(kind, _Conv1dNet)
 
 
 def _run(model: nn.Module, kind: str) -> Tensor:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        if kind == "vit":
-            return model(torch.randn(2, 3, 32, 32, generator=g))
-        if kind == "conv1d":
-            return model(torch.randn(2, 16, 11, generator=g))
-        return model(input_ids=torch.randint(0, 100, (2, 7), generator=g)).last_hidden_state
-
-
-def _diff(a: Tensor, b: Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
-
-
-def _close(a: Tensor, b: Tensor, what: str) -> float:
-    d = _diff(a, b)
-    scale = max(1.0, b.abs().max().item())
-    assert d <= 1e-5 * scale, f"{what}: largest difference {d:.3e} (output scale {scale:.3g})"
-    return d
+    return run(model, kind, 16)
 
 
 def _peft_config(targets: list[str], cfg: dict[str, Any], **kw: Any) -> Any:
@@ -114,15 +93,6 @@ def _peft_config(targets: list[str], cfg: dict[str, Any], **kw: Any) -> Any:
         init_weights=False,  # every factor random: far from the identity
         **kw,
     )
-
-
-def _merged_weights(peft_model: Any, ours: unipeft.DeltaModel) -> float:
-    """Largest difference between PEFT's merge_and_unload() and unipeft's merge()."""
-    ours.merge()
-    mine = ours.base_model.state_dict()
-    theirs = peft_model.merge_and_unload().state_dict()
-    assert set(mine) == set(theirs)
-    return max(_close(mine[k], theirs[k], f"merged {k}") for k in mine)
 
 
 # ----------------------------------------------------------------------------- PEFT parity
@@ -177,14 +147,7 @@ def test_train_time_dropouts_match_peft_under_one_seed(tmp_path: Path) -> None:
     theirs.save_pretrained(tmp_path)
     ours = interop.load(copy.deepcopy(base), tmp_path)
     assert ours.adapters["default"].config.rank_dropout_scale  # type: ignore[attr-defined]
-    outs = []
-    for model in (theirs, ours):
-        model.train()
-        torch.manual_seed(11)
-        outs.append([_run(model, "bert") for _ in range(4)])
-    eval_out = _run(ours.eval(), "bert")
-    assert any(_diff(o, eval_out) > 1e-4 for o in outs[1]), "dropout changed nothing"
-    d = max(_close(a, b, "train-mode output") for a, b in zip(outs[1], outs[0], strict=True))
+    d = train_mode_diff(theirs, ours, "bert")
     print(f"\nlokr train-mode dropouts vs PEFT: {d:.2e}")
 
 
@@ -271,29 +234,13 @@ def test_counts_identity_and_merge_on_every_layout(cfg: dict[str, Any]) -> None:
     """Exact parameter counts, the identity at init (default and lycoris inits) and merge ==
     unmerged on Linear, fused slices, a Conv2d, a Conv3d, GPT-2's Conv1D and
     nn.MultiheadAttention's in_proj slices."""
-    for name, targets in (
-        ("timm_vit", ["attn.q", "attn.v", "embed", "mlp.up"]),
-        ("gpt2", ["attn.q", "attn.k", "mlp.up"]),
-        ("open_clip", ["attn.q", "attn.v"]),
-        ("videomae", ["attn.q", "embed"]),
-    ):
-        bb = BACKBONES[name]
-        model = unipeft.apply(bb.make(), "lokr", targets=targets, **cfg)
-        adapter = model.adapters["default"]
-        want = sum(adapter.method.num_parameters(adapter.config, s) for s in adapter.sites)
-        assert model.num_trainable_parameters() == want
-        ref = bb.run(bb.make(), bb.sample(0)).detach()
-        out = bb.run(model, bb.sample(0)).detach()
-        if cfg.get("init", "default") != "random":
-            torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-        with torch.no_grad():
-            for p in model.deltas.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-            unmerged = bb.run(model, bb.sample(0))
-            model.merge()
-            merged = bb.run(model, bb.sample(0))
-        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
-        assert _diff(unmerged, ref) > 1e-4
+    sites = {
+        "timm_vit": ["attn.q", "attn.v", "embed", "mlp.up"],
+        "gpt2": ["attn.q", "attn.k", "mlp.up"],
+        "open_clip": ["attn.q", "attn.v"],
+        "videomae": ["attn.q", "embed"],
+    }
+    counts_identity_and_merge("lokr", sites, cfg, cfg.get("init", "default") != "random")
 
 
 def test_bad_config_names_the_field() -> None:

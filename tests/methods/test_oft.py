@@ -10,17 +10,29 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+
+from _parity_ortho import base as _base  # noqa: E402
+from _parity_ortho import close as _close  # noqa: E402
+from _parity_ortho import (  # noqa: E402
+    from_peft,
+    randomise,
+    report,
+    to_peft,
+)
+from _parity_ortho import max_diff as _diff  # noqa: E402
+from _parity_ortho import merged_weights as _merged_weights  # noqa: E402
 
 import unipeft  # noqa: E402
 from unipeft import AdapterError, ConfigError, LoadError  # noqa: E402
@@ -52,54 +64,7 @@ PAIRS = [
 ]
 
 
-def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=5, drop_rate=0.0,
-    ).eval()  # fmt: skip
-
-
-def _run(model: nn.Module, kind: str) -> Tensor:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        if kind == "vit":
-            return model(torch.randn(2, 3, 32, 32, generator=g))
-        return model(input_ids=torch.randint(0, 100, (2, 7), generator=g)).last_hidden_state
-
-
-def _randomise(params: Any, seed: int, scale: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def _diff(a: Tensor, b: Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
-
-
-def _close(a: Tensor, b: Tensor, what: str) -> float:
-    d = _diff(a, b)
-    scale = max(1.0, b.abs().max().item())
-    assert d <= 1e-5 * scale, f"{what}: largest difference {d:.3e} (output scale {scale:.3g})"
-    return d
-
-
-def _merged_weights(peft_model: Any, ours: unipeft.DeltaModel) -> float:
-    """Largest difference between PEFT's merge_and_unload() and unipeft's merge()."""
-    ours.merge()
-    mine = ours.base_model.state_dict()
-    theirs = peft_model.merge_and_unload().state_dict()
-    assert set(mine) == set(theirs)
-    return max(_close(mine[k], theirs[k], f"merged {k}") for k in mine)
+_randomise = partial(randomise, scale=0.3)
 
 
 def _peft_config(cfg: dict[str, Any], targets: list[str]) -> Any:
@@ -110,36 +75,24 @@ def _peft_config(cfg: dict[str, Any], targets: list[str]) -> Any:
 @pytest.mark.parametrize(("kind", "config"), PAIRS)
 def test_peft_to_unipeft(kind: str, config: str, tmp_path: Path) -> None:
     cfg = CONFIGS[config]
-    base = _base(kind)
-    theirs = peft.get_peft_model(copy.deepcopy(base), _peft_config(cfg, CASES[kind][0])).eval()
-    _randomise((p for n, p in theirs.named_parameters() if "oft_R" in n), seed=1)
-    theirs.save_pretrained(tmp_path)
-    expected = _run(theirs, kind)
-    assert _diff(expected, _run(base, kind)) > 1e-2, "the PEFT adapter is the identity"
-    ours = interop.load(copy.deepcopy(base), tmp_path).eval()
+    theirs, ours, expected = from_peft(
+        _base(kind), kind, _peft_config(cfg, CASES[kind][0]), tmp_path, noise="oft_R",
+        scale=0.3, floor=1e-2,
+    )  # fmt: skip
     loaded = ours.adapters["default"].config.model_dump()
     assert {k: loaded[k] for k in cfg} == cfg
-    d = _close(_run(ours, kind), expected, "PEFT -> unipeft output")
-    m = _merged_weights(theirs, ours)
-    print(f"\noft {kind}/{config} PEFT->unipeft: output {d:.2e}, merged weights {m:.2e}")
+    report(ours, kind, expected, theirs, ours, "PEFT -> unipeft", f"oft {kind}/{config}")
 
 
 @pytest.mark.parametrize(("kind", "config"), PAIRS)
 def test_unipeft_to_peft(kind: str, config: str, tmp_path: Path) -> None:
     cfg = CONFIGS[config]
-    base = _base(kind)
-    ours = unipeft.apply(copy.deepcopy(base), "oft", targets=CASES[kind][1], **cfg).eval()
-    _randomise(ours.deltas.parameters(), seed=2)
-    expected = _run(ours, kind)
-    assert _diff(expected, _run(base, kind)) > 1e-2, "the unipeft adapter is the identity"
-    interop.save(ours, tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    theirs, ours, expected, saved = to_peft(
+        _base(kind), kind, "oft", CASES[kind][1], cfg, tmp_path, scale=0.3, floor=1e-2
+    )
     assert saved["peft_type"] == "OFT"
     assert saved["r"] == cfg.get("r", 0) and saved["oft_block_size"] == cfg.get("oft_block_size", 0)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    d = _close(_run(theirs, kind), expected, "unipeft -> PEFT output")
-    m = _merged_weights(theirs, ours)
-    print(f"\noft {kind}/{config} unipeft->PEFT: output {d:.2e}, merged weights {m:.2e}")
+    report(theirs, kind, expected, theirs, ours, "unipeft -> PEFT", f"oft {kind}/{config}")
 
 
 def _convnet() -> nn.Module:

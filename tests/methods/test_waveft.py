@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+
+from _parity_spectral import base as _base  # noqa: E402
+from _parity_spectral import (  # noqa: E402
+    close,
+    every_layout_merges,
+    merged_diff,
+    randn_,
+)
+from _parity_spectral import run as _run  # noqa: E402
 
 import unipeft  # noqa: E402
 from unipeft.contract.deltas import ProjectionShape  # noqa: E402
@@ -42,61 +50,6 @@ CASES = {
     "gpt2": (["c_attn", "c_fc"], [r"h\.\d+\.attn\.c_attn", r"h\.\d+\.mlp\.c_fc"], "db3", True),
     "bert-sparse": (["query", "value"], [r".*\.(query|value)"], "db2", False),
 }
-
-
-def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind.startswith("bert"):
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        return transformers.BertModel(cfg).eval()
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=100, bos_token_id=0,
-            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        return transformers.GPT2Model(cfg).eval()
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-        depth=2, num_heads=2, num_classes=5,
-    ).eval()  # fmt: skip
-
-
-def _run(model: nn.Module, kind: str) -> Tensor:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        if kind == "vit":
-            return model(torch.randn(2, 3, 32, 32, generator=g))
-        return model(input_ids=torch.randint(0, 100, (2, 7), generator=g)).last_hidden_state
-
-
-def _close(a: Tensor, b: Tensor, what: str) -> float:
-    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
-    d = (a - b).abs().max().item()
-    scale = max(1.0, b.abs().max().item())
-    print(f"waveft {what}: max abs diff {d:.3e} (output scale {scale:.3g})")
-    assert d <= 1e-5 * scale, f"{what}: {d:.3e}"
-    return d
-
-
-def _randomise(params: list[nn.Parameter], seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def _merged_diff(a: nn.Module, b: nn.Module, what: str) -> float:
-    got = {n: p.detach() for n, p in a.named_parameters()}
-    want = {n: p.detach() for n, p in b.named_parameters()}
-    assert got.keys() == want.keys()
-    diff = max((got[k] - want[k]).abs().max().item() for k in got)
-    scale = max(1.0, max(w.abs().max().item() for w in want.values()))
-    print(f"waveft {what} merged weights: max abs diff {diff:.3e} (weight scale {scale:.3g})")
-    assert diff <= 1e-6 * scale
-    return diff
 
 
 # ----------------------------------------------------------------------------- the maths
@@ -158,22 +111,7 @@ def test_positions_are_a_saved_buffer_loaded_as_saved(tmp_path: Path) -> None:
 
 def test_every_linear_layout_runs_and_merges() -> None:
     """Fused q/v slices (timm), GPT-2 Conv1D, MHA in_proj slices and out_proj (open_clip)."""
-    for name, targets in (
-        ("timm_vit", ["attn.q", "attn.v", "mlp.up"]),
-        ("gpt2", ["attn.q", "attn.v", "mlp.up"]),
-        ("open_clip", ["attn.q", "attn.k", "attn.v", "attn.out"]),
-    ):
-        bb = BACKBONES[name]
-        model = unipeft.apply(
-            bb.make(), "waveft", n_frequency=64, wavelet_family="db2", targets=targets
-        )
-        _randomise(list(model.deltas.parameters()), 2)
-        with torch.no_grad():
-            x = bb.sample(0)
-            before = bb.run(model, x)
-            model.merge()
-            merged = bb.run(model, x)
-        torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-4)
+    every_layout_merges("waveft", 2, n_frequency=64, wavelet_family="db2")
 
 
 def test_sizes_and_sites_are_refused_naming_the_limit() -> None:
@@ -200,7 +138,7 @@ def test_from_peft(kind: str, tmp_path: Path) -> None:
         target_modules=peft_targets, fan_in_fan_out=kind == "gpt2",
     )  # fmt: skip
     ref = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    _randomise([p for n, p in ref.named_parameters() if "waveft_spectrum" in n], 1)
+    randn_([p for n, p in ref.named_parameters() if "waveft_spectrum" in n], 1)
     ref.save_pretrained(str(tmp_path))
     model = interop.load(copy.deepcopy(base), tmp_path).eval()
     assert model.adapters["default"].config.wavelet_family == family
@@ -209,9 +147,9 @@ def test_from_peft(kind: str, tmp_path: Path) -> None:
         assert torch.equal(att.delta.indices, peft_layer.waveft_indices["default"])
     expected = _run(ref, kind)
     assert (expected - _run(base, kind)).abs().max() > 1e-2  # not the identity
-    _close(_run(model, kind), expected, f"{kind} ({family}) from PEFT")
+    close(_run(model, kind), expected, f"waveft {kind} ({family}) from PEFT")
     model.merge()
-    _merged_diff(model.base_model, ref.merge_and_unload(), f"{kind} ({family}) from PEFT")
+    merged_diff(model.base_model, ref.merge_and_unload(), f"waveft {kind} ({family}) from PEFT")
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -222,14 +160,14 @@ def test_to_peft(kind: str, tmp_path: Path) -> None:
         copy.deepcopy(base), "waveft", n_frequency=70, scaling=4.0, wavelet_family=family,
         use_idwt=idwt, random_loc_seed=9, targets=targets,
     ).eval()  # fmt: skip
-    _randomise(list(model.deltas.parameters()), 3)
+    randn_(list(model.deltas.parameters()), 3)
     expected = _run(model, kind)
     assert (expected - _run(base, kind)).abs().max() > 1e-2
     interop.save(model, tmp_path)
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
-    _close(_run(ref, kind), expected, f"{kind} ({family}) to PEFT")
+    close(_run(ref, kind), expected, f"waveft {kind} ({family}) to PEFT")
     model.merge()
-    _merged_diff(model.base_model, ref.merge_and_unload(), f"{kind} ({family}) to PEFT")
+    merged_diff(model.base_model, ref.merge_and_unload(), f"waveft {kind} ({family}) to PEFT")
 
 
 @pytest.mark.parametrize(
