@@ -43,25 +43,35 @@ def text_kv_geometry(backbone: nn.Module, site: SequenceSite) -> tuple[int, int,
     return int(layers), int(kv_heads), int(head_dim)
 
 
-def plan_prefix_tuning(
-    backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
-) -> LoadPlan:
+def check_prompt_folder(
+    peft_type: str, scope: str, config: dict[str, Any], tensors: dict[str, Tensor]
+) -> int:
+    """What every prompt-learning PEFT folder must be: one token sequence (no encoder-decoder
+    pair), exactly one tensor, ``prompt_embeddings``, and ``num_virtual_tokens`` an int >= 1,
+    which is returned. ``scope`` says what unipeft converts, for the encoder-decoder error."""
     submodules = config.get("num_transformer_submodules")
     if submodules not in (None, 1):
         raise LoadError(
-            f"this PREFIX_TUNING adapter has num_transformer_submodules={submodules} (an "
-            "encoder-decoder model); unipeft converts prefixes of one decoder or encoder only"
+            f"this {peft_type} adapter has num_transformer_submodules={submodules} (an "
+            f"encoder-decoder model); unipeft converts {scope} only"
         )
     extra = sorted(k for k in tensors if k != "prompt_embeddings")
     if "prompt_embeddings" not in tensors or extra:
         raise LoadError(
-            f"a PREFIX_TUNING {WEIGHTS_FILE} holds exactly one tensor, 'prompt_embeddings'; "
+            f"a {peft_type} {WEIGHTS_FILE} holds exactly one tensor, 'prompt_embeddings'; "
             f"this one holds {sorted(tensors)}"
         )
-    site = _sequence_site(backbone)
     n = config.get("num_virtual_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise LoadError(f"this PREFIX_TUNING config has num_virtual_tokens={n!r}; need an int >= 1")
+        raise LoadError(f"this {peft_type} config has num_virtual_tokens={n!r}; need an int >= 1")
+    return n
+
+
+def plan_prefix_tuning(
+    backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
+) -> LoadPlan:
+    n = check_prompt_folder("PREFIX_TUNING", "prefixes of one decoder or encoder", config, tensors)
+    site = _sequence_site(backbone)
     layers, kv_heads, head_dim = text_kv_geometry(backbone, site)
     for name, want in (
         ("num_layers", layers),

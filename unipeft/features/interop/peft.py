@@ -60,7 +60,7 @@ from ._peft_common import (
     _sequence_site,
     supported_text,
 )
-from ._peft_prefix import export_prefix_tuning, plan_prefix_tuning
+from ._peft_prefix import check_prompt_folder, export_prefix_tuning, plan_prefix_tuning
 from ._peft_read import read as _read
 from ._peft_save import (
     _EXPORTERS,
@@ -473,22 +473,8 @@ def _plan_prompt_tuning(
     backbone: nn.Module, config: dict[str, Any], tensors: dict[str, Tensor]
 ) -> _Plan:
     _refuse("PROMPT_TUNING", config, {"modules_to_save": _MODULES_TO_SAVE})
-    submodules = config.get("num_transformer_submodules")
-    if submodules not in (None, 1):
-        raise LoadError(
-            f"this PROMPT_TUNING adapter has num_transformer_submodules={submodules} (an "
-            "encoder-decoder model); unipeft converts prompts of one token sequence only"
-        )
-    extra = sorted(k for k in tensors if k != "prompt_embeddings")
-    if "prompt_embeddings" not in tensors or extra:
-        raise LoadError(
-            f"a PROMPT_TUNING {WEIGHTS_FILE} holds exactly one tensor, 'prompt_embeddings'; "
-            f"this one holds {sorted(tensors)}"
-        )
+    n = check_prompt_folder("PROMPT_TUNING", "prompts of one token sequence", config, tensors)
     site = _sequence_site(backbone)
-    n = config.get("num_virtual_tokens")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise LoadError(f"this PROMPT_TUNING config has num_virtual_tokens={n!r}; need an int >= 1")
     prompt = tensors["prompt_embeddings"]
     _check_shape(site.name, "prompt_embeddings", prompt, (n, site.features))
     notes = [_encoder_note(backbone, site, "loads")] if site.index != 0 else []
