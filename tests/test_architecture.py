@@ -19,7 +19,9 @@ import unipeft
 
 PACKAGE = Path(unipeft.__file__).parent
 TOOLS = ("training", "testing", "cli", "bench", "demo", "clip")
-CORE = ("contract", "runtime", "blocks", "features", "maps", "methods", "model", "_builtin")
+CORE = (
+    "contract", "runtime", "blocks", "features", "maps", "methods", "model", "_builtin", "distributed"
+)  # fmt: skip
 
 
 def _module_name(path: Path) -> str:

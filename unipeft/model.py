@@ -76,8 +76,7 @@ class DeltaModel(nn.Module):
 
     Attributes the handle does not define are looked up on the backbone (``encode_image``,
     ``config``, ``generate``...). The backbone's parameters are frozen while it is wrapped;
-    :meth:`unload` gives it back as it was.
-    """
+    :meth:`unload` gives it back as it was."""
 
     def __init__(self, backbone: nn.Module, *, _registry: Registry | None = None) -> None:
         checks.require_module(backbone)
@@ -103,8 +102,7 @@ class DeltaModel(nn.Module):
         self._unloaded = False
         self._structure_map: str | None = None
         self._routings: dict[tuple[str, ...], Routing] = {}  # recent mixed-batch routings
-        # Tools that read forward's signature (the HF Trainer keeps only the dataset columns
-        # named there) see the backbone's arguments, plus adapter_names.
+        # forward's signature is the backbone's (+ adapter_names): the HF Trainer reads it
         forward = functools.partial(type(self).forward, self)
         forward.__signature__ = _forward_signature(backbone)  # type: ignore[attr-defined]
         self.forward = forward
@@ -434,6 +432,7 @@ class DeltaModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter: its hooks, its parameters and its state-dict entries."""
         self._check_live()
+        checks.refuse_sharded(self, "delete_adapter")
         checks.require_adapter_name(name, "delete_adapter(name)")
         self.get_adapter(name)
         if name in self._state.active:
@@ -518,6 +517,7 @@ class DeltaModel(nn.Module):
         that is already merged warns and does nothing.
         """
         self._check_live()
+        checks.refuse_sharded(self, "merge")
         if why := composing.merge_refusal(self._composition):
             raise MergeError(why)
         names = self._names(adapter_names, self._state.active, "merge(adapter_names)")
@@ -549,12 +549,12 @@ class DeltaModel(nn.Module):
         """Take adapters (default: every merged one) out of the weights, bit-exactly.
         Naming an adapter that is not merged warns and does nothing."""
         self._check_live()
+        if self._ledger.merged():
+            checks.refuse_sharded(self, "unmerge")
         names = self._names(adapter_names, self.merged_adapters, "unmerge(adapter_names)")
         merged = self.merged_adapters
         for name in names:
-            self.get_adapter(name)
-        for name in names:
-            if name not in merged:
+            if self.get_adapter(name) and name not in merged:
                 warnings.warn(
                     f"adapter {name!r} is not merged (merged: {merged or 'none'}); unmerge() "
                     "leaves it as is",
@@ -573,6 +573,7 @@ class DeltaModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter and return the backbone with its original state."""
         self._check_live()
+        checks.refuse_sharded(self, "unload")
         self.unmerge()
         self._set_composition(None, ())
         for name in list(self._adapters):

@@ -29,6 +29,7 @@ from ..compose import Composition, Fuse
 from ..compose import from_json as composition_from_json
 from ..contract.errors import AdapterError, ConfigError, LoadError, PluginError
 from ..contract.plan import SHARED, AdapterPlan, adapter_name_refusal
+from ..distributed.gather import on_main, sharding_engine, whole_deltas
 from ..runtime.targets import all_sites
 from ._format import (
     FORMAT_VERSION,
@@ -71,6 +72,24 @@ def save_adapters(
     names = list(names) if names is not None else list(model.adapters)
     if not names:
         raise AdapterError("there is no adapter to save; add_adapter() first")
+    engine = sharding_engine(model)
+    with whole_deltas(model):  # sharded (FSDP, ZeRO-3): every rank gathers, rank 0 writes
+        doc, tensors = _collect(model, names)
+
+    def config_bytes(checksum: str) -> bytes:
+        return json.dumps({**doc, "weights_sha256": checksum}, indent=2, sort_keys=True).encode()
+
+    on_main(
+        lambda: write_pair(
+            Path(directory), tensors, {"format": "unipeft"}, config_bytes,
+            weights_name=WEIGHTS_FILE, config_name=CONFIG_FILE, prefix=TMP_PREFIX,
+        ),
+        collective=engine is not None,
+    )  # fmt: skip
+
+
+def _collect(model: DeltaModel, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON document and the tensors (on the CPU) of the adapters ``names``."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for name in names:
@@ -83,7 +102,7 @@ def save_adapters(
             described = {}
             for pname, tensor in owner.state_dict().items():
                 key = tensor_key(name, site_name, adapter.method.id, pname)
-                tensors[key] = tensor.detach().to("cpu").contiguous()
+                tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
                 described[pname] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
             sites[site_name] = described
         meta[name] = {
@@ -104,14 +123,7 @@ def save_adapters(
         "active": [a for a in model.active_adapters if a in names],
         "adapters": meta,
     }
-
-    def config_bytes(checksum: str) -> bytes:
-        return json.dumps({**doc, "weights_sha256": checksum}, indent=2, sort_keys=True).encode()
-
-    write_pair(
-        Path(directory), tensors, {"format": "unipeft"}, config_bytes,
-        weights_name=WEIGHTS_FILE, config_name=CONFIG_FILE, prefix=TMP_PREFIX,
-    )  # fmt: skip
+    return doc, tensors
 
 
 def _composition_entries(
@@ -130,7 +142,7 @@ def _composition_entries(
             site_name = fusion.site_names[key]  # type: ignore[index]
             described = {}
             for pname, tensor in layer.state_dict().items():
-                tensors[fusion_key(fname, site_name, pname)] = tensor.detach().cpu().contiguous()
+                tensors[fusion_key(fname, site_name, pname)] = tensor.detach().to("cpu", copy=True)
                 described[pname] = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
             sites[site_name] = described
         fusions[fname] = {"fuse": fusion.spec.to_json(), "sites": sites}  # type: ignore[union-attr]

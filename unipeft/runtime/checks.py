@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..contract.config import DeltaConfig
-from ..contract.errors import AdapterError, ConfigError, LoadError, TargetError
+from ..contract.errors import AdapterError, ConfigError, LoadError, MergeError, TargetError
 from ..contract.method import Method, site_kinds_of
 from ..contract.plan import AdapterPlan
 from ..contract.sites import ModuleSite, Site
@@ -241,3 +241,21 @@ def sites_in(backbone: nn.Module, sites: Sequence[Site]) -> None:
                 f"{type(backbone).__name__}: plan on this model (model.plan(...)) or take the "
                 "sites from unipeft.inspect_sites(backbone)"
             )
+
+
+def refuse_sharded(model: nn.Module, operation: str) -> None:
+    """Raise :class:`MergeError` when ``model``'s weights are sharded by FSDP (1 or 2) or
+    DeepSpeed ZeRO-3: ``operation`` (merge, unmerge, unload, delete_adapter) rewrites whole
+    weights or removes parameters the engine manages, and no rank holds them whole."""
+    from ..distributed.gather import sharding_engine
+
+    engine = sharding_engine(model)
+    if engine is None:
+        return
+    names = {"fsdp2": "FSDP2 (fully_shard)", "fsdp1": "FSDP1", "zero3": "DeepSpeed ZeRO-3"}
+    raise MergeError(
+        f"{operation}() on a model sharded by {names[engine]}: no rank holds the backbone's "
+        "weights whole, and the engine owns the adapters' parameters. Save the adapters on "
+        "every rank (model.save(dir)), then in one process load them onto an unsharded "
+        f"backbone (unipeft.load(backbone, dir)) and call {operation}() there"
+    )

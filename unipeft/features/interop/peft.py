@@ -46,6 +46,7 @@ from ...contract.errors import AdapterError, ConfigError, LoadError
 from ...contract.maps import generic_sites
 from ...contract.plan import AdapterPlan
 from ...contract.sites import ModuleSite, Site
+from ...distributed.gather import on_main, sharding_engine, whole_deltas
 from ...model import DeltaModel
 from ...runtime.registry import registry
 from . import _ptuning
@@ -539,18 +540,21 @@ def save(
             f"load as an equivalent adapter; unipeft.features.interop.peft exports "
             f"{', '.join(methods)}"
         )
-    if codec is not None:
-        from . import _peft_codec
+    engine = sharding_engine(model)
+    with whole_deltas(model):  # sharded (FSDP, ZeRO-3): every rank gathers, rank 0 writes
+        if codec is not None:
+            from . import _peft_codec
 
-        config, tensors = _peft_codec.export(
-            model, adapter, codec, whole_sites=_export_sites,
-            common=_common_config(model, codec.peft_type, task_type),
-            target_modules=_target_modules, fan_in_fan_out=_all_conv1d,
-        )  # fmt: skip
-        notes: list[str] = []
-    else:
-        assert exporter is not None
-        config, tensors, notes = exporter(model, adapter, task_type)
-    _write(Path(path), config, tensors)
+            config, tensors = _peft_codec.export(
+                model, adapter, codec, whole_sites=_export_sites,
+                common=_common_config(model, codec.peft_type, task_type),
+                target_modules=_target_modules, fan_in_fan_out=_all_conv1d,
+            )  # fmt: skip
+            notes: list[str] = []
+        else:
+            assert exporter is not None
+            config, tensors, notes = exporter(model, adapter, task_type)
+        tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    on_main(lambda: _write(Path(path), config, tensors), collective=engine is not None)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
