@@ -83,11 +83,20 @@ def test_two_ranks_train_what_one_process_trains(runs, references, engine, metho
     moved = 0
     for key, tensor in expected.items():
         assert trained[key].dtype == tensor.dtype and trained[key].shape == tensor.shape, key
-        torch.testing.assert_close(trained[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
-        moved += int(not torch.equal(tensor, _initial(initial, key)))
+        start = _initial(initial, key)
+        if method in _cases.UPDATE_RTOL:
+            ours, theirs = trained[key] - start, tensor - start
+            assert (ours - theirs).norm() <= _cases.UPDATE_RTOL[method] * theirs.norm(), key
+        else:
+            torch.testing.assert_close(trained[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        moved += int(not torch.equal(tensor, start))
     assert moved > 0, "training changed no saved tensor: the comparison would prove nothing"
     # every rank reloaded the saved adapters (sharded again under FSDP2) and got the trained loss
-    assert seen["reloaded_loss"] == pytest.approx(references[method][1], rel=1e-5, abs=1e-6)
+    rel = _cases.LOSS_RTOL.get(method, 1e-5)
+    assert seen["reloaded_loss"] == pytest.approx(references[method][1], rel=rel, abs=1e-6)
+    if method.endswith("@bf16"):  # the adapters stayed float32 beside the bfloat16 backbone
+        assert {t.dtype for t in trained.values()} == {torch.float32}
+        assert next(_cases.model(method).base_model.parameters()).dtype == torch.bfloat16
 
 
 def _initial(model: unipeft.DeltaModel, key: str) -> torch.Tensor:

@@ -64,7 +64,7 @@ def main(engine: str, out: Path, cuda: bool) -> None:
                 unipeft.interop.peft.save(model, out / engine / "peft_lora")
         dist.barrier()
         # every rank restores the adapters onto a fresh backbone (sharded again under FSDP2)
-        again = unipeft.load(_cases.backbone(), str(folder)).to(device)
+        again = unipeft.load(_cases.backbone(), str(folder)).to(device)  # float32 backbone
         if engine == "fsdp2":
             ud.shard(again)
         with torch.no_grad():
