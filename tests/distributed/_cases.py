@@ -134,3 +134,13 @@ def saved_initial(method: str, like: Path) -> dict[str, torch.Tensor]:
         adapter, site, rest = key.split("::")
         out[key] = m.get_adapter(adapter).delta_at(site).state_dict()[rest.split(".", 1)[1]]
     return out
+
+
+def one_step(m: torch.nn.Module, ids: torch.Tensor) -> None:
+    """One SGD step of the causal-LM loss on ``ids``: the update is the gradient itself, so
+    ranks and one process agree to rounding. (Not the load-balancing aux losses of the
+    mixture methods: those are products of batch statistics, so each rank's loss on its
+    own samples is not the loss on the global batch, as in any per-device balancing.)"""
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=LR)
+    m(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
