@@ -20,7 +20,8 @@ import unipeft
 PACKAGE = Path(unipeft.__file__).parent
 TOOLS = ("training", "testing", "cli", "bench", "demo", "clip")
 CORE = (
-    "contract", "runtime", "blocks", "features", "maps", "methods", "model", "_builtin", "distributed"
+    "contract", "runtime", "blocks", "features", "maps", "methods", "model", "_builtin",
+    "distributed", "quantization",
 )  # fmt: skip
 
 

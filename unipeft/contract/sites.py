@@ -19,10 +19,10 @@ A structure map turns a backbone into a list of sites. There are two kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 Layout = Literal["linear", "conv1d_t", "conv", "mha_in"]
 """How a projection stores its weight.
@@ -31,6 +31,69 @@ Layout = Literal["linear", "conv1d_t", "conv", "mha_in"]
 ``conv``: ``(out, in, *kernel)`` as ``nn.ConvNd``; ``mha_in``: the fused ``in_proj_weight``
 ``(3E, E)`` of ``nn.MultiheadAttention``.
 """
+
+
+class WeightCodec(Protocol):
+    """How to read, and rewrite, a projection weight stored in a quantized format
+    (bitsandbytes 4-bit and 8-bit, torchao tensor subclasses). :mod:`unipeft.quantization`
+    registers the built-in ones with :func:`register_weight_codec`; the contract itself
+    imports no quantization library."""
+
+    name: str
+    """The format in words, used in messages (``"bitsandbytes Linear4bit"``...)."""
+
+    def claims(self, module: nn.Module | None, weight: Tensor) -> bool:
+        """Whether ``weight`` (the ``weight`` of ``module``, when known) is in this format."""
+        ...
+
+    def dequantize(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """A full-precision copy ``(out, in)`` of the weight the layer computes with."""
+        ...
+
+    def compute_dtype(self, module: nn.Module, weight: Tensor) -> torch.dtype | None:
+        """The floating dtype the layer computes in, or ``None`` when it follows its input."""
+        ...
+
+    def requantize_refusal(self, module: nn.Module, weight: Tensor) -> str | None:
+        """Why :meth:`requantize` cannot rewrite this weight, or ``None``."""
+        ...
+
+    def snapshot(self, module: nn.Module, name: str) -> Any:
+        """Everything :meth:`restore` needs to put the layer's quantized weight back exactly
+        (the parameter object and any state the layer keeps beside it)."""
+        ...
+
+    def restore(self, module: nn.Module, name: str, snapshot: Any) -> None: ...
+
+    def requantize(self, module: nn.Module, name: str, weight: Tensor) -> None:
+        """Quantize the full-precision ``weight`` ``(out, in)`` in the layer's format (its
+        block size, quantization type, storage) and install it as the layer's weight."""
+        ...
+
+
+_CODECS: list[WeightCodec] = []
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def register_weight_codec(codec: WeightCodec) -> None:
+    """Teach sites a quantized weight format (a codec of the same ``name`` is replaced)."""
+    _CODECS[:] = [c for c in _CODECS if c.name != codec.name]
+    _CODECS.append(codec)
+
+
+def weight_codec(weight: Any, module: nn.Module | None = None) -> WeightCodec | None:
+    """The registered codec of a quantized ``weight`` (of ``module``), or ``None`` for a
+    plain weight (a floating tensor of an ``nn.Linear``: checked first, so this is cheap on
+    the common path)."""
+    if not isinstance(weight, Tensor):
+        return None
+    if type(weight) in _PLAIN and weight.is_floating_point():
+        if module is None or type(module) is nn.Linear:
+            return None  # a plain layer (a subclass may keep packed storage in a float tensor)
+    for codec in _CODECS:
+        if codec.claims(module, weight):
+            return codec
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,12 +157,28 @@ class ModuleSite:
         module's own weight as stored (a norm's ``(features,)``). ``bias`` is ``None`` when
         the module has none. Views, not copies: writing into them writes into the backbone,
         which is how the merge ledger folds a delta in. Read them under ``torch.no_grad()``
-        or detach them; they carry no gradient either way."""
+        or detach them; they carry no gradient either way.
+
+        On a quantized layer (a :class:`WeightCodec` claims its weight) the weight is a
+        dequantized full-precision *copy*, in the dtype the layer computes in: methods
+        read the weight the layer multiplies with, and writing into it changes nothing
+        (the merge ledger re-quantizes instead)."""
         w = self.parameter("weight")
         if w is None:
             raise TypeError(f"site {self.name!r} has no weight")
         b = self.parameter("bias")
         s = self.out_slice
+        codec = weight_codec(w, self.module)
+        if codec is not None:
+            full = codec.dequantize(self.module, w)
+            bv = None if b is None else (b.data[s[0] : s[1]] if s else b.data)
+            return (full[s[0] : s[1]] if s else full), bv
+        if self.weight is not None and not w.is_floating_point():
+            raise TypeError(
+                f"site {self.name!r}: the weight of {type(self.module).__name__} is a {w.dtype} "
+                "tensor in a format unipeft cannot read; import unipeft.quantization "
+                "(bitsandbytes, torchao), or register a WeightCodec for it"
+            )
         if self.weight is not None and self.weight.layout == "conv1d_t":
             wv = w.data[:, s[0] : s[1]].t() if s else w.data.t()
         else:
@@ -122,10 +201,34 @@ class ModuleSite:
             )
         if self.weight is None and self.role != "norm" and not _is_affine(self.module):
             return f"site {self.name!r} is not a projection or a norm"
+        w = self.parameter("weight")
+        codec = weight_codec(w, self.module)
+        if codec is not None:
+            why = codec.requantize_refusal(self.module, w)  # type: ignore[arg-type]
+            if why is not None:
+                return (
+                    f"site {self.name!r} is a quantized {codec.name} layer: {why}. Merge on a "
+                    "full-precision base instead: save the adapter, unload(), dequantize the "
+                    "backbone (unipeft.quantization.dequantize_model) and load the adapter there"
+                )
         return None
 
     def reference_tensor(self) -> torch.Tensor:
-        """A tensor whose dtype and device new delta parameters should follow."""
+        """A tensor whose dtype and device new delta parameters should follow.
+
+        On a quantized layer: an empty tensor of the layer's compute dtype (of its other
+        floating parameters, or float32, when it computes in its input's dtype) on the
+        weight's device; never the packed storage."""
+        w = self.parameter("weight")
+        codec = weight_codec(w, self.module)
+        if codec is not None:
+            assert w is not None
+            dtype = codec.compute_dtype(self.module, w)
+            if dtype is None:
+                others = [p for p in self.module.parameters() if p is not w]
+                floats = [p.dtype for p in others if p.is_floating_point()]
+                dtype = floats[0] if floats else torch.float32
+            return torch.empty(0, dtype=dtype, device=w.device)
         for owner in (self.module, self.host, self.entry):
             if owner is None:
                 continue

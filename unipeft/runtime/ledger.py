@@ -11,6 +11,15 @@ initialised with PiSSA or OLoRA: ``W - s·B₀A₀``) keeps that part of its fun
 weights while it runs alone on them (:meth:`MergeLedger.hold_residuals`; its
 ``residual_in_base`` attribute says whether it is there now). A rebuild applies the
 residuals first, then the merged deltas, so taking either out is exact too.
+
+A **quantized** weight (a :class:`~unipeft.contract.sites.WeightCodec` claims it:
+bitsandbytes 4-bit or 8-bit, torchao) cannot hold ``W + ΔW`` exactly. Its record keeps the
+codec's snapshot of the layer (the original quantized parameter object, untouched, and the
+state the layer keeps beside it); a rebuild restores that snapshot, dequantizes, folds the
+deltas into the full-precision copy, and re-quantizes it in the layer's own format. The
+largest ``|W_merged - (W + ΔW)|`` is recorded (:meth:`MergeLedger.quantization_errors`) and
+stated in a :class:`~unipeft.quantization.QuantizedMergeWarning`. Taking the last delta out
+restores the snapshot: the original bytes, exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..contract.sites import ModuleSite
+from ..contract.sites import ModuleSite, WeightCodec, weight_codec
+from ..quantization import record_error, warn_merge
 from .state import AdapterState, Attachment
 
 
@@ -36,6 +46,10 @@ class _Record:
     merged: list[Attachment] = field(default_factory=list)
     residual: list[Attachment] = field(default_factory=list)
     created_bias: bool = False
+    codec: WeightCodec | None = None  # a quantized weight: pristine_weight is unused
+    snapshot: Any = None
+    path: str = ""
+    error: float | None = None  # max |W_merged - (W + ΔW)| of the last re-quantization
 
 
 def _names(site: ModuleSite) -> tuple[str, str]:
@@ -64,6 +78,11 @@ class MergeLedger:
             touched[id(rec)] = rec
         for rec in touched.values():
             self._rebuild(rec)
+        warn_merge({r.path: r.error for r in touched.values() if r.error is not None})
+
+    def quantization_errors(self) -> dict[str, float]:
+        """``max |W_merged - (W + ΔW)|`` per quantized layer holding deltas now, by path."""
+        return {r.path: r.error for r in self._records.values() if r.error is not None}
 
     def unmerge(self, attachments: Iterable[Attachment]) -> None:
         touched: dict[int, _Record] = {}
@@ -109,38 +128,56 @@ class MergeLedger:
         if rec is None:
             w = getattr(site.module, wname)
             b = getattr(site.module, bname, None)
+            codec = weight_codec(w, site.module)
             rec = self._records[key] = _Record(
                 site.module,
                 wname,
                 bname,
-                w.detach().clone(),
+                w.detach().clone() if codec is None else w,
                 None if b is None else b.detach().clone(),
+                codec=codec,
+                snapshot=None if codec is None else codec.snapshot(site.module, wname),
+                path=site.path,
             )
         return rec
 
     @torch.no_grad()
     def _rebuild(self, rec: _Record) -> None:
         module = rec.module
-        getattr(module, rec.weight_name).data.copy_(rec.pristine_weight)
+        if rec.codec is not None:
+            rec.codec.restore(module, rec.weight_name, rec.snapshot)
+            rec.error = None
+            record_error(module, None)
+        else:
+            getattr(module, rec.weight_name).data.copy_(rec.pristine_weight)
         bias = getattr(module, rec.bias_name, None)
         if rec.pristine_bias is not None and bias is not None:
             bias.data.copy_(rec.pristine_bias)
         elif rec.created_bias and bias is not None:
             bias.data.zero_()
-        for att, residual in [(a, True) for a in rec.residual] + [(a, False) for a in rec.merged]:
+        folds = [(a, True) for a in rec.residual] + [(a, False) for a in rec.merged]
+        full = None
+        if rec.codec is not None and folds:  # fold into a dequantized copy, then requantize
+            full = rec.codec.dequantize(module, getattr(module, rec.weight_name)).float()
+        for att, residual in folds:
             site = att.site
             assert isinstance(site, ModuleSite)
-            weight, bias_view = site.weight_views()
+            weight, bias_view = self._views(site, full)
             fold = att.delta.residual if residual else att.delta.merged  # type: ignore[attr-defined]
             new_w, new_b = fold(weight, bias_view)
             weight.copy_(new_w.to(weight.dtype))
             if new_b is None:
                 continue
             if bias_view is None:
-                self._create_bias(rec, site)
-                weight, bias_view = site.weight_views()
+                self._create_bias(rec, site, full)
+                weight, bias_view = self._views(site, full)
             assert bias_view is not None
             bias_view.copy_(new_b.to(bias_view.dtype))
+        if rec.codec is not None and full is not None:
+            rec.codec.requantize(module, rec.weight_name, full)
+            again = rec.codec.dequantize(module, getattr(module, rec.weight_name))
+            rec.error = float((again.float() - full.float()).abs().max()) if full.numel() else 0.0
+            record_error(module, rec.error)
         # writes through .data leave the parameters' version counters alone; bump them so
         # that anything cached from these weights (DoRA's ‖W‖²) sees the change
         for name in (rec.weight_name, rec.bias_name):
@@ -148,13 +185,25 @@ class MergeLedger:
             if isinstance(param, Tensor):
                 torch.autograd.graph.increment_version(param)
         if not rec.merged and not rec.residual:
+            rec.error = None
             if rec.created_bias:
                 del module._parameters[rec.bias_name]
                 module.register_parameter(rec.bias_name, None)
             del self._records[(id(module), rec.weight_name)]
 
-    def _create_bias(self, rec: _Record, site: ModuleSite) -> None:
-        w = getattr(rec.module, rec.weight_name)
+    @staticmethod
+    def _views(site: ModuleSite, full: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The site's ``(weight, bias)`` views; on a quantized layer the weight rows are
+        those of ``full``, the dequantized copy being folded into (layout ``linear``)."""
+        if full is None:
+            return site.weight_views()
+        bias = site.parameter("bias")
+        s = site.out_slice
+        bv = None if bias is None else (bias.data[s[0] : s[1]] if s else bias.data)
+        return (full[s[0] : s[1]] if s else full), bv
+
+    def _create_bias(self, rec: _Record, site: ModuleSite, full: Tensor | None = None) -> None:
+        w = getattr(rec.module, rec.weight_name) if full is None else full
         conv1d_t = site.weight is not None and site.weight.layout == "conv1d_t"
         n_out = w.shape[1] if conv1d_t else w.shape[0]
         bias = torch.zeros(n_out, dtype=w.dtype, device=w.device)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ...blocks import LowRankConfig, LowRankDelta, low_rank_parameters, low_rank_refusal
 from ...contract.deltas import ProjectionShape
 from ...contract.method import Method
-from ...contract.sites import ModuleSite, Site
+from ...contract.sites import ModuleSite, Site, weight_codec
 
 
 class DoraConfig(LowRankConfig):
@@ -90,6 +90,8 @@ class DoraDelta(LowRankDelta):
             return _row_squares(weight.reshape(weight.shape[0], -1))
         param = self.site.parameter("weight")
         assert param is not None
+        if weight_codec(param, self.site.module) is not None:  # a fresh dequantized copy
+            return _row_squares(weight.reshape(weight.shape[0], -1))
         key = (param.data_ptr(), param._version, weight.data_ptr(), tuple(weight.shape))
         cached = self.__dict__.get("_squares")
         if cached is not None and cached[0] == key:

@@ -23,7 +23,7 @@ from ....blocks import (
 )
 from ....contract.deltas import ProjectionShape
 from ....contract.method import Method
-from ....contract.sites import Site
+from ....contract.sites import Site, weight_codec
 from . import fast
 from .residual import ResidualLoraDelta
 
@@ -78,6 +78,8 @@ class LoraDelta(LowRankDelta):
         Without: the plain kernels, the low-rank part added in place."""
         if self.shape.is_conv or self.drops:
             return None
+        if not weight.is_floating_point() or weight_codec(weight) is not None:
+            return None  # a quantized weight (torchao...): the layer's own forward runs
         if torch.is_autocast_enabled(x.device.type):
             return None  # autocast picks the dtypes of the matmuls; the hook path follows it
         a, b = self.A, self.B
