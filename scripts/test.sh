@@ -12,6 +12,12 @@ PY=.venv/bin/python
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q torch torchvision
 "$PY" -m pip install -q -e '.[dev]'
+# DeepSpeed (the ZeRO tests) ships as source only; built without its ops (they compile on
+# first use, and the tests use none) it installs in seconds, against the torch above
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  "$PY" -m pip install -q setuptools wheel
+  DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation deepspeed
+fi
 for plugin in plugins/*/; do
   "$PY" -m pip install -q -e "$plugin"
 done
