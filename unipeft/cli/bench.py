@@ -281,3 +281,111 @@ def _print_perf(result: dict) -> None:
         f"targets: [green]{counts['met']} met[/], [red]{counts['missed']} missed[/]"
         + (f", [yellow]{counts['n/a']} not measured[/]" if counts["n/a"] else "")
     )
+
+
+@bench_app.command("distributed")
+def distributed_cmd(
+    models: Annotated[
+        str | None, typer.Option(help="llama (0.85B), 8b (Llama-3-8B shape), tiny")
+    ] = None,
+    engines: Annotated[str, typer.Option(help="single, ddp, fsdp2")] = "single,ddp,fsdp2",
+    gpus: Annotated[str, typer.Option(help="GPU (process) counts to run each engine on")] = "1,2",
+    libraries: Annotated[str, typer.Option(help="unipeft, peft")] = "unipeft,peft",
+    device: Annotated[
+        str | None, typer.Option(help="cpu (gloo) or cuda (default: cuda if available)")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option(help="a tiny Llama on the CPU, few steps: what CI runs")
+    ] = False,
+    steps: Annotated[int | None, typer.Option(help="timed steps (default 10; quick 3)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="untimed steps first (3; quick 1)")] = None,
+    batch: Annotated[int | None, typer.Option(help="sequences per GPU (8; quick 2)")] = None,
+    length: Annotated[int | None, typer.Option(help="tokens per sequence (512; quick 32)")] = None,
+    layers: Annotated[int | None, typer.Option(help="fewer decoder layers in every model")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds allowed to each launch")] = 600.0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write the figures to this JSON")
+    ] = None,
+) -> None:
+    """LoRA training under one process, DDP and FSDP2 (torchrun launches), unipeft beside
+    Hugging Face PEFT: tokens/s and peak memory per GPU, and full fine-tuning's memory."""
+    from ..bench import check_writable, distributed, perf, write_json
+
+    with cli_errors():
+        perf.require_peft()
+        cfg = distributed.make_config(
+            models=models, engines=engines, gpus=gpus, libraries=libraries, device=device,
+            quick=quick, steps=steps, warmup=warmup, batch=batch, length=length, layers=layers,
+            timeout=timeout,
+        )  # fmt: skip
+        if out is not None:
+            if out.is_dir():
+                raise fail(f"--out {out} is a folder; give the JSON file's name")
+            check_writable(out.parent if str(out.parent) else Path("."))
+    result = distributed.run_bench(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
+    if out is not None:
+        write_json(out, result)
+    for table in distributed.render(result):
+        _console.print(table)
+    for line in result["full_finetune_lines"]:
+        _console.print(f"[dim]{line}[/]")
+    for f in result["failures"]:
+        warn(f"{f['library']} {f['engine']} x{f['processes']} {f['model']}: {f['error']}")
+        _console.print(f"[dim]{f['output_tail']}[/]")
+    _console.print(f"{len(result['rows'])} runs in {result['seconds']:.0f} s")
+    if out is not None:
+        _console.print(f"figures written to {out}")
+    if result["failures"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("qlora")
+def qlora_cmd(
+    model: Annotated[
+        str | None, typer.Option(help="llama (0.85B), 8b (Llama-3-8B shape), quick, tiny")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda if available)")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option(help="a tiny Llama on the CPU, two timed steps: what CI runs")
+    ] = False,
+    layers: Annotated[int | None, typer.Option(min=1, help="fewer decoder layers")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="timed steps (10; quick 2)")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="untimed steps first (3)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="sequences per step (8)")] = None,
+    length: Annotated[int | None, typer.Option(min=1, help="tokens per sequence (512)")] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="LoRA rank (16)")] = None,
+    libraries: Annotated[str | None, typer.Option(help="unipeft, peft")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option(help="checkpoint every decoder layer (both libraries)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write the figures to this JSON")
+    ] = None,
+) -> None:
+    """QLoRA (NF4, double quantization, bf16 compute; LoRA r=16 on q,k,v,o,gate,up,down):
+    step time and peak memory, unipeft beside Hugging Face PEFT."""
+    from ..bench import check_writable, perf, write_json
+
+    with cli_errors():
+        perf.require_peft()
+        if device is not None:
+            _check_device(device)
+        from ..bench import qlora
+
+        cfg = qlora.make_config(
+            quick=quick, model=model, device=_device(device) if device else None, layers=layers,
+            steps=steps, warmup=warmup, batch=batch, length=length, rank=rank,
+            libraries=libraries, gradient_checkpointing=gradient_checkpointing,
+        )  # fmt: skip
+        if out is not None:
+            if out.is_dir():
+                raise fail(f"--out {out} is a folder; give the JSON file's name")
+            check_writable(out.parent if str(out.parent) else Path("."))
+        result = qlora.run(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
+    if out is not None:
+        write_json(out, result)
+    _console.print(qlora.render(result))
+    if out is not None:
+        _console.print(f"figures written to {out}")
