@@ -38,16 +38,11 @@ def launch(args: list[str], timeout: int = 300) -> None:
         )
 
 
-def torchrun(*args: str) -> list[str]:
+def torchrun(*args: str, processes: int = 2) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        *args,
-    ]
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(processes), *args,
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
