@@ -47,6 +47,8 @@ def references(tmp_path_factory) -> dict[str, tuple[list[float], float, Path]]:
 @pytest.mark.parametrize("method", list(_cases.CASES))
 def test_two_gpus_train_what_one_process_trains(runs, references, engine, method):
     out, reports = runs
+    if engine == "fsdp1" and method.endswith("@bf16"):
+        pytest.skip("FSDP1 flattens a unit into one tensor of one dtype: adapters take the base's")
     assert reports[engine]["world"] == PROCESSES
     seen = reports[engine]["cases"][method]
     trained = _cases.saved(out / engine / method)
