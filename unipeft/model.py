@@ -21,6 +21,7 @@ from .contract.errors import AdapterError, MergeError, UnipeftError
 from .contract.method import Method
 from .contract.plan import BASE, SHARED, AdapterPlan, adapter_name_refusal
 from .contract.sites import Site
+from .distributed.gather import refresh_versions
 from .runtime import checks
 from .runtime import compose as composing
 from .runtime.attaching import count_parameters
@@ -112,6 +113,7 @@ class DeltaModel(nn.Module):
         """Call the backbone. ``adapter_names`` (one per sample; ``"__base__"`` for the plain
         backbone) runs a mixed batch: each sample through its own adapter."""
         self._check_live()
+        refresh_versions(self)  # engines that gather into parameters in place (FSDP, ZeRO-3)
         if adapter_names is None:
             if self._state.parallel is not None and self._state.enabled:
                 return self._parallel(self.base_model, True, *args, **kwargs)
@@ -177,8 +179,7 @@ class DeltaModel(nn.Module):
         total: Tensor | None = None
         for name in self._state.active:
             for att in self._adapters[name].attachments:
-                loss = att.delta.aux_loss()
-                if loss is not None:
+                if (loss := att.delta.aux_loss()) is not None:
                     total = loss if total is None else total + loss
         reg = composing.fusion_loss(self._composition, self.fusions)
         return total if reg is None else reg if total is None else total + reg
@@ -546,8 +547,8 @@ class DeltaModel(nn.Module):
         self._ledger.merge(todo)
 
     def unmerge(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Take adapters (default: every merged one) out of the weights, bit-exactly.
-        Naming an adapter that is not merged warns and does nothing."""
+        """Take adapters (default: all merged) out of the weights, bit-exactly; warns for one
+        that is not merged."""
         self._check_live()
         if self._ledger.merged():
             checks.refuse_sharded(self, "unmerge")

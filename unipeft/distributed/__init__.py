@@ -11,6 +11,9 @@ to launch each engine.
 - :func:`save`: save through a wrapper (FSDP1 gathers through it).
 - :func:`full_state`, :func:`full_tensor`, :func:`is_sharded`, :func:`sharding_engine`:
   what ``DeltaModel.save`` and the PEFT exporter use to write whole tensors from shards.
+- :func:`shard_like`: a whole tensor placed like a sharded one (resuming under FSDP2).
+- :func:`refresh_versions` (called by ``DeltaModel.forward``): caches keyed on tensor
+  versions stay true under engines that gather into parameters in place.
 - :func:`rank`, :func:`world_size`, :func:`is_main_process`, :func:`barrier`.
 """
 
@@ -28,6 +31,8 @@ from .gather import (
     is_sharded,
     on_main,
     rank,
+    refresh_versions,
+    shard_like,
     sharding_engine,
     whole_deltas,
     world_size,
@@ -47,8 +52,10 @@ __all__ = [
     "is_sharded",
     "on_main",
     "rank",
+    "refresh_versions",
     "save",
     "shard",
+    "shard_like",
     "sharding_engine",
     "unwrap",
     "whole_deltas",

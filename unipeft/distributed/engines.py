@@ -79,6 +79,7 @@ def shard(model: nn.Module, *, mesh: Any = None, **fully_shard_kwargs: Any) -> n
     for block in blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    gather.mark_engine(model)
     return model
 
 
@@ -94,6 +95,7 @@ def fsdp_wrap_policy(model: nn.Module) -> Callable[..., bool]:
 
     model = _delta_model(model, "fsdp_wrap_policy()")
     ids = {id(b) for b in blocks(model)}
+    gather.mark_engine(model)
     if not ids:
         raise AdapterError(
             f"the structure map of {type(model.base_model).__name__} names no blocks to wrap; "

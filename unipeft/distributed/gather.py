@@ -236,3 +236,55 @@ def on_main(write: Callable[[], None], *, collective: bool) -> None:
         from ..contract.errors import AdapterError
 
         raise AdapterError(f"rank 0 could not write the adapters: {failure[0]}")
+
+
+def mark_engine(model: nn.Module) -> None:
+    """Record that an engine which rewrites parameters in place manages ``model`` (see
+    :func:`refresh_versions`); :func:`~unipeft.distributed.shard` and
+    :func:`~unipeft.distributed.fsdp_wrap_policy` call it."""
+    model.__dict__["_unipeft_engine"] = True
+
+
+def _engine_managed(model: nn.Module) -> bool:
+    if model.__dict__.get("_unipeft_engine"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        FSDPModule = ()  # type: ignore[assignment]
+    if isinstance(model, FSDPModule):  # FSDP2, however it was applied
+        return True
+    deltas = model.__dict__.get("_modules", {}).get("deltas")
+    first = next(iter(deltas.parameters()), None) if deltas is not None else None
+    return first is not None and zero.is_partitioned(first)
+
+
+def refresh_versions(model: nn.Module) -> None:
+    """Before a forward pass without gradients of a model whose engine writes its
+    parameters in place behind autograd's back (FSDP2's all-gathers into the unsharded
+    parameters, FSDP1's views into a flat parameter, ZeRO-3's gathers), bump the version
+    counter of every delta parameter, so that what methods cache from them between passes
+    without gradients (LoRA's stacked factors, keyed on each tensor's version) is built
+    again from this pass's values. A no-op with gradients on (nothing is cached then, and
+    a bump could invalidate tensors a pending backward saved) and without an engine."""
+    if torch.is_grad_enabled() or not _engine_managed(model):
+        return
+    for module in _own_modules(model):
+        for param in module._parameters.values():
+            if param is not None:
+                torch.autograd.graph.increment_version(param)
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) placed like ``like``: a ``DTensor`` with its mesh and
+    placements when ``like`` is one (each rank keeps its own shard, no communication),
+    else ``value`` itself."""
+    if not is_dtensor(like):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    local = like.to_local()
+    return distribute_tensor(
+        value.to(device=local.device, dtype=like.dtype), like.device_mesh, like.placements,
+        src_data_rank=None,
+    )  # fmt: skip
