@@ -112,12 +112,12 @@ def eval_loss(m: torch.nn.Module) -> dict[str, float]:
 
 
 def trainer_run(method: str, out: Path, steps: int = TRAIN_STEPS, resume: bool = False,
-                **trainer: object) -> object:  # fmt: skip
+                device: str = "cpu", **trainer: object) -> object:  # fmt: skip
     """Train ``method`` with unipeft's Trainer (global batch GLOBAL_BATCH, evaluated on
     :func:`batch` every step) into ``out``; the TrainResult."""
     from unipeft.training import Trainer, TrainerConfig
 
-    cfg = TrainerConfig(steps=steps, lr=LR, batch_size=GLOBAL_BATCH, device="cpu", log_every=1,
+    cfg = TrainerConfig(steps=steps, lr=LR, batch_size=GLOBAL_BATCH, device=device, log_every=1,
                         eval_every=1, **trainer)  # fmt: skip
     t = Trainer(model(method), lm_loss, train_data(), cfg, output_dir=out, eval_fn=eval_loss,
                 progress=False)  # fmt: skip

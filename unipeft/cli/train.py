@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,13 +17,18 @@ method: lora
 budget: 0.5%                # or config: {r: 8}
 trainer: {steps: 200, lr: 0.001, batch_size: 16, checkpoint_every: 50}
 output_dir: runs/lora       # the schema: docs/training.md
+distributed: {engine: ddp}  # optional: under torchrun / accelerate launch (ddp or fsdp2)
 """
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``train`` command to ``app``."""
 
-    @app.command("train", help=f"Fine-tune a text classifier. CONFIG looks like:\n\n{EXAMPLE}")
+    @app.command(
+        "train",
+        help="Fine-tune a text classifier (on several processes: torchrun --nproc_per_node N "
+        f"-m unipeft train CONFIG.yaml). CONFIG looks like:\n\n{EXAMPLE}",
+    )
     def train(
         config: Annotated[Path, typer.Argument(help="the run configuration (YAML)")],
         resume: Annotated[
@@ -38,6 +44,8 @@ def register(app: typer.Typer) -> None:
 
         with cli_errors():  # bad input: one line, exit 2; the run leaves no output_dir behind
             result = run(config, resume=resume, progress=progress)
+        if os.environ.get("RANK", "0") != "0":
+            return  # launched as several processes: rank 0 reports
         out = Console()
         tr = result.train
         share = 100 * result.trainable / result.backbone_parameters

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from .checkpoint import Checkpoint, find_checkpoint, read_checkpoint, recover
-from .config import TrainerConfig
+from .config import DistributedConfig, TrainerConfig
 from .data import BatchOrder, epoch_seed
 from .graphs import GraphedStep
 from .memory import PeakMemory
@@ -27,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "DataSpec",
+    "DistributedConfig",
     "EvalFn",
     "GraphedStep",
     "LossFn",

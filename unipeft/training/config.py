@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -22,6 +22,57 @@ RESUME_FIELDS = (
 """Fields that must not change when a run resumes: they shape the data order or the updates,
 so a different value could not continue the same run. The others (``steps``, the
 intervals, ``device``) may change, except ``steps`` under a schedule that depends on it."""
+
+
+class DistributedConfig(BaseModel):
+    """How the trainer runs when launched as several processes (``torchrun``, ``accelerate
+    launch``): the engine that keeps the ranks' models in step, and its settings. In one
+    process none of it applies."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    engine: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="'ddp' (DistributedDataParallel), 'fsdp2' (unipeft.distributed.shard), or "
+        "'auto': FSDP2 when accelerate launch was configured for FSDP version 2, else DDP",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="the process group's backend when the trainer starts it: 'auto' is nccl "
+        "on CUDA, gloo on the CPU",
+    )
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="FSDP2 only: compute in this dtype (MixedPrecisionPolicy.param_dtype; "
+        "gradients are reduced in float32); null: the parameters' own dtypes",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP2 only: free each block's gathered parameters after its forward "
+        "(less memory) rather than keep them for the backward (less communication)",
+    )
+    find_unused_parameters: bool = Field(
+        False,
+        description="DDP only: let trainable parameters go unused in a step (slower; needed "
+        "when a method skips some of its parameters)",
+    )
+
+    @model_validator(mode="after")
+    def _check_engine_options(self) -> DistributedConfig:
+        fsdp_only = []
+        if self.param_dtype is not None:
+            fsdp_only.append(f"param_dtype: {self.param_dtype}")
+        if not self.reshard_after_forward:
+            fsdp_only.append("reshard_after_forward: false")
+        if self.engine == "ddp" and fsdp_only:
+            raise ValueError(
+                f"{', '.join(fsdp_only)} only applies to FSDP2; set engine: fsdp2 or drop it"
+            )
+        if self.engine == "fsdp2" and self.find_unused_parameters:
+            raise ValueError(
+                "find_unused_parameters only applies to DDP; set engine: ddp or drop it"
+            )
+        return self
 
 
 class TrainerConfig(BaseModel):
@@ -48,7 +99,12 @@ class TrainerConfig(BaseModel):
         "from lr/w to lr (w: that many steps, at least 1)",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    batch_size: int = Field(8, ge=1, description="examples per batch (per optimizer step)")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="examples per optimizer step; launched as several processes, this is the "
+        "global batch, of which each rank trains on batch_size / world",
+    )
     eval_every: int = Field(
         0, ge=0, description="run eval_fn every this many steps and at the end; 0: only at the end"
     )
@@ -78,6 +134,18 @@ class TrainerConfig(BaseModel):
         description="measure the peak memory of training (TrainResult.peak_memory_bytes); on "
         "CPU this resets the process's resident-size high-water mark",
     )
+
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="when launched as several processes: the engine and its settings (a "
+        "string is the engine alone: 'ddp', 'fsdp2', 'auto'); batch_size stays the global "
+        "batch, each rank trains on its slice",
+    )
+
+    @field_validator("distributed", mode="before")
+    @classmethod
+    def _engine_shorthand(cls, value: object) -> object:
+        return {"engine": value} if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..contract.errors import UnipeftError
+from ..distributed.gather import full_tensor
 from .checkpoint import check_writable, find_checkpoint, publish
 from .data import Example, check_labels, read_examples
 from .spec import RunConfig, RunConfigError, load_run_config
@@ -78,11 +79,14 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> tuple[Trainer, list[str
     config = encoder.adapters["default"].config.model_dump(mode="json")  # every field, as used
     model = TextClassifier(encoder, hidden, len(labels))
     eval_fn = _accuracy(eval_set, cfg.trainer.batch_size) if eval_set is not None else None
+    trainer_cfg = cfg.trainer
+    if "distributed" in cfg.model_fields_set:  # the YAML's top-level distributed: section
+        trainer_cfg = trainer_cfg.model_copy(update={"distributed": cfg.distributed})
     trainer = Trainer(
         model,
         classification_loss,
         train_set,
-        cfg.trainer,
+        trainer_cfg,
         output_dir=cfg.output_dir,
         eval_fn=eval_fn,
         progress=progress,
@@ -95,10 +99,13 @@ def run(cfg: RunConfig | str | Path, *, resume: bool = False, progress: bool = T
 
     Writes ``output_dir/checkpoint/``, ``metrics.jsonl``, ``adapter/`` (the unipeft adapter)
     and ``classifier/`` (the head as safetensors, the labels and the run config as JSON).
+    Launched as several processes (``torchrun``, ``accelerate launch``), every rank calls
+    this; rank 0 writes, and the process group the trainer started is ended on return.
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg)
     created = _first_missing(cfg.output_dir)
+    trainer: Trainer | None = None
     try:
         trainer, labels, used = prepare(cfg, progress=progress)
         model = trainer.model
@@ -106,18 +113,35 @@ def run(cfg: RunConfig | str | Path, *, resume: bool = False, progress: bool = T
         if resume:
             _check_checkpoint_documents(cfg.output_dir)
         result = trainer.train(resume=resume)
+        # whole tensors (FSDP2 shards the head with the model): a collective, every rank
+        head = {
+            k: full_tensor(v.detach()).cpu().contiguous()
+            for k, v in model.head.state_dict().items()
+        }
     except BaseException:
-        if created is not None and created.is_dir() and find_checkpoint(cfg.output_dir) is None:
+        tidy = trainer is None or trainer.ranks.main
+        if (
+            tidy
+            and created is not None
+            and created.is_dir()
+            and find_checkpoint(cfg.output_dir) is None
+        ):
             shutil.rmtree(created, ignore_errors=True)  # made by this run, holds nothing to keep
         raise
 
     def fill(tmp: Path) -> None:
-        head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head, str(tmp / "head.safetensors"))
         doc = {"labels": labels, "run": used.model_dump(mode="json")}
         (tmp / "classifier.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
 
-    where = publish(cfg.output_dir, CLASSIFIER, fill)
+    assert trainer is not None
+    ranks = trainer.ranks
+    where = cfg.output_dir / CLASSIFIER
+    if ranks.main:
+        where = publish(cfg.output_dir, CLASSIFIER, fill)
+    ranks.barrier()
+    if ranks.started_group:
+        torch.distributed.destroy_process_group()
     return RunResult(
         train=result,
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),

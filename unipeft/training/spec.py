@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..contract.errors import UnipeftError
-from .config import TrainerConfig
+from .config import DistributedConfig, TrainerConfig
 
 TEXT_BACKBONES = ("bert", "gpt2", "llama")
 MODELS = ("minilm", *(f"tiny:{n}" for n in TEXT_BACKBONES))
@@ -58,6 +58,24 @@ class RunConfig(BaseModel):
     targets: list[str] | None = Field(None, description="target roles; null: method defaults")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="trainer settings")
     output_dir: Path = Field(description="where checkpoints, metrics and the adapter go")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="launched as several processes (torchrun, accelerate launch): engine "
+        "(auto, ddp, fsdp2), backend (auto, gloo, nccl), param_dtype, "
+        "reshard_after_forward, find_unused_parameters",
+    )
+
+    @model_validator(mode="after")
+    def _one_distributed_section(self) -> RunConfig:
+        if (
+            "distributed" in self.model_fields_set
+            and "distributed" in self.trainer.model_fields_set
+        ):
+            raise ValueError(
+                "distributed is given twice, at the top level and under trainer; keep the "
+                "top-level distributed: section"
+            )
+        return self
 
     @field_validator("model")
     @classmethod
@@ -211,6 +229,12 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise RunConfigError(
             f"{source}:1: the run configuration must be a mapping with the keys {keys}, "
             f"not a {type(doc).__name__}"
+        )
+    trainer = doc.get("trainer")
+    if "distributed" in doc and isinstance(trainer, dict) and "distributed" in trainer:
+        raise RunConfigError(
+            f"{source}:{line_of(root, ('trainer', 'distributed'))}: distributed is given twice, "
+            "under trainer and at the top level; keep the top-level distributed: section"
         )
     try:
         cfg = RunConfig.model_validate(doc)

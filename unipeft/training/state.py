@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract.errors import UnipeftError
+from ..distributed.gather import full_tensor, shard_like
 
 
 class TrainingError(UnipeftError, ValueError):
@@ -35,19 +36,21 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """The trained part of ``model``, as CPU tensors keyed like ``model.state_dict()``.
 
     That is every parameter with ``requires_grad``, plus every entry (parameters and buffers)
-    of the delta modules of any :class:`~unipeft.DeltaModel` inside ``model``.
+    of the delta modules of any :class:`~unipeft.DeltaModel` inside ``model``. Sharded
+    (FSDP2) tensors are gathered whole: under FSDP2 every rank must call this.
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     prefixes = tuple(_delta_prefixes(model))
     return {
-        k: v.detach().to("cpu").clone().contiguous()
+        k: full_tensor(v.detach()).to("cpu").clone().contiguous()
         for k, v in model.state_dict().items()
         if k in trainable or (prefixes and k.startswith(prefixes))
     }
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    """Copy ``state`` (from :func:`trainable_state`) into ``model``; the keys must match."""
+    """Copy ``state`` (from :func:`trainable_state`) into ``model``; the keys must match.
+    Under FSDP2 each rank keeps its shard of every whole tensor."""
     expected = set(trainable_state_keys(model))
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
@@ -78,6 +81,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], where: str)
             f"there, {current[k].dtype} here; a checkpoint converts no integer tensor into a "
             "floating-point one (or back). Resume with the model it was written for"
         )
+
+    state = {k: shard_like(v, current[k]) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
 
@@ -91,14 +96,16 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
 
 
 def optimizer_to_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split ``opt.state_dict()`` into tensors (``state/<param>/<name>``) and JSON values."""
+    """Split ``opt.state_dict()`` into tensors (``state/<param>/<name>``) and JSON values;
+    sharded (FSDP2) tensors gathered whole (under FSDP2 every rank must call this)."""
     sd = opt.state_dict()
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, entry in sd["state"].items():
         for name, value in entry.items():
             if isinstance(value, Tensor):
-                tensors[f"state/{pid}/{name}"] = value.detach().to("cpu").clone().contiguous()
+                whole = full_tensor(value.detach()).to("cpu").clone().contiguous()
+                tensors[f"state/{pid}/{name}"] = whole
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     groups = [dict(g) for g in sd["param_groups"]]
@@ -149,6 +156,8 @@ def optimizer_from_parts(
                     f"{tuple(params[pid].shape)}: a floating-point tensor of that shape (or "
                     "a 0-d scalar) is accepted"
                 )
+            if value.dim():  # a whole tensor: this rank's shard of it under FSDP2
+                entry[name] = shard_like(value, params[pid])
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:

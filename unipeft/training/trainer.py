@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..features.optim import lr_scales
 from . import data as _data
+from . import distributed as _dist
 from ._util import append_metrics, find_delta_model, progress_bar, to_device, truncate_metrics
 from .checkpoint import (
     Checkpoint,
@@ -78,6 +79,14 @@ class Trainer:
     ``output_dir/metrics.jsonl`` and, at the end, the adapters to ``output_dir/adapter/``
     (via :meth:`DeltaModel.save`); with ``output_dir=None`` nothing is written and the run
     cannot be resumed.
+
+    Launched as several processes (``torchrun``, ``accelerate launch``), every rank runs
+    the same script: the trainer joins the process group (starting it from the launcher's
+    environment if need be), wraps the model with DDP or FSDP2 (``config.distributed``),
+    trains each rank on its slice of every global batch of ``config.batch_size``, logs the
+    loss averaged over the ranks, and writes files from rank 0 only; the adapters and
+    checkpoints hold whole tensors, as in one process. ``loss_fn`` gets the wrapped model,
+    ``eval_fn`` and ``aux_loss`` the model itself; ``eval_fn`` runs on every rank.
     """
 
     def __init__(
@@ -99,6 +108,8 @@ class Trainer:
         self.eval_fn, self.collate_fn, self.progress = eval_fn, collate_fn, progress
         self.batch_order = batch_order
         self._per_epoch = 0
+        self.ranks = _dist.Ranks()
+        """This process's rank, the world size and the engine, once :meth:`train` starts."""
 
     # ------------------------------------------------------------------ setup
     def _prepare(self, resume: bool) -> tuple[str, int, Checkpoint | None]:
@@ -111,6 +122,9 @@ class Trainer:
             )
         size = _data.check_dataset(self.train_data)
         self._per_epoch = self._batches_per_epoch(size)
+        self.ranks, device = _dist.setup(cfg.distributed, device)
+        if self.batch_order is None:
+            _dist.check_batches(size, cfg.batch_size, self.ranks.world)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise TrainingError(
                 "the model has no trainable parameter; unipeft.apply() a method first"
@@ -143,6 +157,8 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int, skip: int) -> Any:
         cfg = self.config
+        if self.ranks.world > 1:
+            return self._rank_loader(epoch, skip)
         if self.batch_order is None:
             return _data.epoch_loader(
                 self.train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
@@ -157,6 +173,26 @@ class Trainer:
         return _data.order_loader(
             self.train_data, self.batch_order, seed=cfg.seed, epoch=epoch,
             skip_batches=skip, collate_fn=self.collate_fn,
+        )  # fmt: skip
+
+    def _rank_loader(self, epoch: int, skip: int) -> Any:
+        """This rank's slices of the global batches of epoch ``epoch``, after ``skip``."""
+        cfg = self.config
+        if self.batch_order is None:
+            size = len(self.train_data)
+            order = _data.EpochOrder(size, _data.epoch_seed(cfg.seed, epoch)).order()
+            batches = [order[i : i + cfg.batch_size] for i in range(0, size, cfg.batch_size)]
+        else:
+            batches = [[int(i) for i in b] for b in self.batch_order(cfg.seed, epoch)]
+            if len(batches) != self._per_epoch:
+                raise TrainingError(
+                    f"batch_order gave {len(batches)} batches for epoch {epoch} and "
+                    f"{self._per_epoch} for epoch 0; every epoch needs as many"
+                )
+        mine = _dist.rank_batches(batches[skip:], self.ranks)
+        return _data.order_loader(
+            self.train_data, lambda _s, _e: mine, seed=cfg.seed, epoch=epoch,
+            collate_fn=self.collate_fn,
         )  # fmt: skip
 
     def _param_groups(self, model: nn.Module) -> list[tuple[float, list[Tensor]]]:
@@ -237,8 +273,9 @@ class Trainer:
         ``output_dir`` if there is one (bit-exactly on CPU), else start from step 0."""
         cfg = self.config
         device, size, ckpt = self._prepare(resume)
-        out = self.output_dir
-        if out is not None:
+        ranks, out = self.ranks, self.output_dir
+        ranks.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
+        if out is not None and ranks.main:
             out.mkdir(parents=True, exist_ok=True)
             recover(out)
             recover(out, ADAPTER)
@@ -247,6 +284,8 @@ class Trainer:
         memory = PeakMemory(device) if cfg.measure_memory else None
         with memory if memory is not None else contextlib.nullcontext():
             began = time.perf_counter()
+            # wrapped before the optimizer exists: FSDP2 turns the parameters into shards
+            wrapped = _dist.wrap(model, ranks, cfg.distributed, device)
             optimizer, peaks = self._optimizer(model)
             start = 0
             if ckpt is None:
@@ -262,10 +301,11 @@ class Trainer:
                 load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
                 rng_from_parts(ckpt.rng, ckpt.state["rng"])
                 start = ckpt.step
-            if out is not None:
+            if out is not None and ranks.main:
                 truncate_metrics(out / METRICS, start)
+            ranks.barrier()
             result = TrainResult(step=start, start_step=start, output_dir=out, adapter_dir=None)
-            result.step = self._loop(model, optimizer, peaks, result, device, size)
+            result.step = self._loop(wrapped, optimizer, peaks, result, device, size)
             result.seconds = time.perf_counter() - began
         if memory is not None:
             result.peak_memory_bytes = memory.bytes
@@ -285,7 +325,8 @@ class Trainer:
         cfg = self.config
         params = [p for group in optimizer.param_groups for p in group["params"]]
         scheduled = self._scheduled()
-        with progress_bar(cfg.steps, result.start_step, self.progress) as advance:
+        shown = self.progress and self.ranks.main
+        with progress_bar(cfg.steps, result.start_step, shown) as advance:
             step = result.start_step
             while step < cfg.steps:
                 epoch, skip = divmod(step, self._per_epoch)
@@ -296,7 +337,7 @@ class Trainer:
                             group["lr"] = peak * factor
                     loss = self._step(model, optimizer, params, to_device(batch, device))
                     step += 1
-                    self._after_step(model, optimizer, result, step, epoch, size, loss)
+                    self._after_step(self.model, optimizer, result, step, epoch, size, loss)
                     advance(loss)
                     if step >= cfg.steps:
                         break
@@ -312,7 +353,7 @@ class Trainer:
         loss = self.loss_fn(model, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError("loss_fn(model, batch) must return a scalar tensor")
-        aux = getattr(model, "aux_loss", None)
+        aux = getattr(self.model, "aux_loss", None)  # the model's own, not a wrapper's
         extra = aux() if callable(aux) else None
         if isinstance(extra, Tensor):
             loss = loss + extra
@@ -336,14 +377,14 @@ class Trainer:
         cfg, last = self.config, step == self.config.steps
         record: dict[str, float] = {}
         if step % cfg.log_every == 0 or last:
-            record["loss"] = float(loss)
+            record["loss"] = float(self.ranks.mean(loss))
         if self.eval_fn is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             result.metrics = self._evaluate(model)
             record.update(result.metrics)
         if record:
             record = {"step": step, "epoch": epoch, **record}
             result.history.append(record)
-            if self.output_dir is not None:
+            if self.output_dir is not None and self.ranks.main:
                 append_metrics(self.output_dir / METRICS, record)
         checkpoint = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if checkpoint and self.output_dir is not None:
@@ -385,10 +426,18 @@ class Trainer:
             config=cfg.model_dump(mode="json"),
             state=state,
         )
-        write_checkpoint(self.output_dir, ckpt)
+        if self.ranks.main:
+            write_checkpoint(self.output_dir, ckpt)
+        self.ranks.barrier()
 
     def _export(self, model: nn.Module) -> Path | None:
         delta_model = find_delta_model(model)
         if delta_model is None or self.output_dir is None:
             return None
-        return publish(self.output_dir, ADAPTER, lambda tmp: delta_model.save(str(tmp)))
+        if self.ranks.main:
+            where = publish(self.output_dir, ADAPTER, lambda tmp: delta_model.save(str(tmp)))
+        else:  # a collective when sharded: every rank gathers, rank 0 writes
+            where = self.output_dir / ADAPTER
+            delta_model.save(str(where))
+        self.ranks.barrier()
+        return where
