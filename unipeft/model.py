@@ -35,7 +35,7 @@ from .runtime.shared import BackwardTrigger, backward_trigger
 from .runtime.state import AdapterState, Attachment, Routing
 from .runtime.targets import resolve_targets
 
-_WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -288,7 +288,7 @@ class DeltaModel(nn.Module):
             self._sync()
         if self._structure_map is None:
             self._structure_map = plan.structure_map
-        _WRAPPED[self.base_model] = self
+        _WRAPPED[self.base_model] = True  # a value that holds the key would keep it alive
         return adapter
 
     def _build(

@@ -9,8 +9,9 @@ built twice in the same process, once per library, one after the other: unipeft
 (:func:`unipeft.quantization.prepare_quantized` + :func:`unipeft.apply`) and PEFT
 (``prepare_model_for_kbit_training`` + ``get_peft_model``). Per library: the median step
 time over the timed steps (each ended by ``torch.cuda.synchronize``), tokens per second,
-and ``torch.cuda.max_memory_allocated`` over the steps (reset after building) and after
-building. ``quick``: a tiny model on the CPU with float32 compute, for the test suite.
+and ``torch.cuda.max_memory_allocated`` over the steps (reset after building) and the
+memory allocated after building, both above what was allocated before the build (nothing of
+the other library's run is counted). ``quick``: a tiny model on the CPU with float32 compute, for the test suite.
 """
 
 from __future__ import annotations
@@ -165,8 +166,11 @@ def _sync(device: str) -> None:
 def measure(cfg: QloraConfig, library: str) -> dict[str, Any]:
     """Build, wrap and train one library's model; its figures."""
     cuda = cfg.device.startswith("cuda")
+    start = 0
     if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()  # whatever else is resident is not counted
         torch.cuda.reset_peak_memory_stats()
     model = build_quantized(cfg)
     model = _unipeft(cfg, model) if library == "unipeft" else _peft(cfg, model)
@@ -180,7 +184,7 @@ def measure(cfg: QloraConfig, library: str) -> dict[str, Any]:
     ids = torch.randint(1, vocab, (cfg.batch, cfg.length), generator=g).to(cfg.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else _null()
     _sync(cfg.device)
-    built = torch.cuda.memory_allocated() / GIB if cuda else None
+    built = (torch.cuda.memory_allocated() - start) / GIB if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -201,7 +205,7 @@ def measure(cfg: QloraConfig, library: str) -> dict[str, Any]:
         "library": library,
         "step_s": step_s,
         "tokens_per_s": cfg.batch * cfg.length / step_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "peak_gib": (torch.cuda.max_memory_allocated() - start) / GIB if cuda else None,
         "model_gib": built,
         "trainable": trainable,
         "trainable_dtypes": dtypes,
