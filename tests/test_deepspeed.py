@@ -302,12 +302,15 @@ def _bf16_zero3(deepspeed: Any, out: Path, local: torch.Tensor, per: int, world:
 
 
 # ----------------------------------------------------------------------------- test side
-def launch(out: Path, device: str = "cpu", timeout: int = 400) -> dict[str, Any]:
-    """Run the worker on two ranks (``device``: ``cpu`` or ``cuda``); rank 0's report."""
+def launch(
+    out: Path, device: str = "cpu", timeout: int = 400, processes: int = 2
+) -> dict[str, Any]:
+    """Run the worker on ``processes`` ranks (``device``: ``cpu`` or ``cuda``, one GPU a
+    rank); rank 0's report."""
     env = {**os.environ, "DS_ACCELERATOR": device, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(HERE), "worker", str(out), device,
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(processes), str(HERE), "worker", str(out), device,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -344,7 +347,7 @@ def check_training(
     rtol: float,
     atol: float,
 ) -> None:
-    """The two ranks' run of ``method`` under ZeRO-``stage`` against the single process."""
+    """The ranks' run of ``method`` under ZeRO-``stage`` against the single process."""
     report, out, ref = runs
     seen = report["runs"][f"zero{stage}/{method}"]
     losses, after = references[method]
@@ -467,8 +470,8 @@ def check_mixed_dtypes(
     seen = report["mixed"][f"zero{stage}"]
     assert seen["base_dtypes"] == ["torch.bfloat16"]
     assert seen["delta_dtypes"] == ["torch.float32"]
-    if not (ref / "mixed").exists():
-        mixed_reference(ref / "mixed", device=device)
+    if not (ref / "mixed").exists():  # the ranks' micro-batches, however many ranks ran
+        mixed_reference(ref / "mixed", world=report["world"], device=device)
     want, got = _cases.saved(ref / "mixed"), _cases.saved(out / f"mixed{stage}")
     assert sorted(got) == sorted(want)
     for key, tensor in want.items():
@@ -555,16 +558,19 @@ def _accelerate_worker(out: Path, stage: int, device: str) -> None:
         (out / "report.json").write_text(json.dumps({"hf": {f"zero{stage}": seen}}))
 
 
-def launch_accelerate(out: Path, stage: int, device: str = "cpu", timeout: int = 400) -> dict:
-    """The HF Trainer on two ranks through ``accelerate launch --use_deepspeed`` with a
-    DeepSpeed config file; rank 0's report."""
+def launch_accelerate(
+    out: Path, stage: int, device: str = "cpu", timeout: int = 400, processes: int = 2
+) -> dict:
+    """The HF Trainer on ``processes`` ranks through ``accelerate launch --use_deepspeed``
+    with a DeepSpeed config file (its DeepSpeed launcher takes one process as well); rank
+    0's report."""
     config = out / "deepspeed.json"
     config.write_text(json.dumps(hf_config(stage)))
     env = {**os.environ, "DS_ACCELERATOR": device, "OMP_NUM_THREADS": "1"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = [
         *accelerate, "--use_deepspeed", "--deepspeed_config_file", str(config),
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", str(HERE), "accelerate-worker", str(out), str(stage), device,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,17 +1,20 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on two GPUs (NCCL): the checks of ``tests/test_deepspeed.py``.
+"""DeepSpeed ZeRO-2 and ZeRO-3 on the GPUs (NCCL): the checks of ``tests/test_deepspeed.py``.
 
-The same worker runs with ``cuda`` instead of ``cpu``: one launch of
-``torchrun --standalone --nproc_per_node 2 tests/test_deepspeed.py worker OUT cuda`` trains
+The same worker runs with ``cuda`` instead of ``cpu``, one rank per GPU on up to two GPUs
+(NCCL puts one rank on a GPU; with one GPU the single rank holds the whole global batch
+and ZeRO-3 still partitions every parameter, into one slice): one launch of
+``torchrun --standalone --nproc_per_node N tests/test_deepspeed.py worker OUT cuda`` trains
 one method of each family under ZeRO-2 and ZeRO-3, saves, gathers, merges, reloads, and
 runs the Hugging Face Trainer with ``TrainingArguments(deepspeed=...)``; on the GPU it also
 trains LoRA under ZeRO-3 in DeepSpeed's bf16 mode. Then ``accelerate launch
---use_deepspeed`` runs the HF Trainer with a DeepSpeed config file, for both stages.
+--use_deepspeed --num_processes N`` runs the HF Trainer with a DeepSpeed config file, for
+both stages.
 
 The single-process reference trains on one GPU too (fp32: cuBLAS sums in another order
 than the CPU, so the tolerances are a little wider than the CPU test's).
 
-Run: ``pytest -m gpu tests/test_gpu_deepspeed.py`` on a host with two GPUs and DeepSpeed
-installed (``pip install --no-index --find-links .whl deepspeed``).
+Run: ``pytest -m gpu tests/test_gpu_deepspeed.py`` on a host with one or more GPUs and
+DeepSpeed installed (``pip install --no-index --find-links .whl deepspeed``).
 """
 
 from __future__ import annotations
@@ -32,19 +35,22 @@ _cases = ds._cases
 GPU_TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
 
 
-def _need_two_gpus() -> None:
+PROCESSES = min(2, torch.cuda.device_count())  # one rank per GPU (NCCL)
+
+
+def _need_gpu() -> None:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
 def gpu_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
-    _need_two_gpus()
+    _need_gpu()
     out = tmp_path_factory.mktemp("deepspeed_gpu")
     ref = tmp_path_factory.mktemp("reference_gpu")
-    return ds.launch(out, "cuda", timeout=900), out, ref
+    return ds.launch(out, "cuda", timeout=900, processes=PROCESSES), out, ref
 
 
 def _reference(method: str, folder: Path) -> tuple[list[float], float]:
@@ -73,6 +79,7 @@ def test_zero_training_matches_one_gpu(
     stage: int,
     method: str,
 ) -> None:
+    assert gpu_runs[0]["world"] == PROCESSES
     ds.check_training(gpu_runs, gpu_references, stage, method, **GPU_TOLERANCE)
 
 
@@ -124,7 +131,7 @@ def test_bf16_zero3_trains_and_saves_whole_tensors(
 
 @pytest.mark.parametrize("stage", ds.STAGES)
 def test_hf_trainer_under_accelerate_launch_on_gpus(tmp_path: Path, stage: int) -> None:
-    """``accelerate launch --use_deepspeed --deepspeed_config_file ...`` (NCCL, two GPUs)."""
-    _need_two_gpus()
-    report = ds.launch_accelerate(tmp_path, stage, "cuda", timeout=600)
+    """``accelerate launch --use_deepspeed --deepspeed_config_file ...`` (NCCL, a rank per GPU)."""
+    _need_gpu()
+    report = ds.launch_accelerate(tmp_path, stage, "cuda", timeout=600, processes=PROCESSES)
     ds.check_hf_trainer((report, tmp_path, tmp_path), stage, atol=1e-4)

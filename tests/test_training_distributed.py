@@ -52,9 +52,9 @@ def launch(args: list[str], timeout: int = 300) -> None:
         )
 
 
-def torchrun(*args: str) -> list[str]:
+def torchrun(*args: str, processes: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", "2", *args]  # fmt: skip
+            "--nproc_per_node", str(processes), *args]  # fmt: skip
 
 
 def accelerate(*args: str) -> list[str]:
@@ -248,17 +248,23 @@ def test_accelerate_multi_gpu_launcher_on_cpus(tmp_path, references):
                            references[method][1] / "adapter", method)  # fmt: skip
 
 
+GPU_PROCESSES = min(2, torch.cuda.device_count())  # one rank per GPU (NCCL)
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
-)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_trainer_on_two_gpus_over_nccl(tmp_path, references):
-    """DDP and FSDP2 on two GPUs (nccl, chosen by backend auto), against the CPU reference."""
-    launch(torchrun(WORKER, str(tmp_path), "ddp", "fsdp2", "--device", "cuda"))
+    """DDP and FSDP2 on up to two GPUs, a rank each (nccl, chosen by backend auto), against
+    the CPU reference. With one GPU, ``WORLD_SIZE`` is 1: the trainer starts no process
+    group and trains the model unwrapped (engine None), on the whole global batch."""
+    launch(torchrun(WORKER, str(tmp_path), "ddp", "fsdp2", "--device", "cuda",
+                    processes=GPU_PROCESSES))  # fmt: skip
     report = json.loads((tmp_path / "report.json").read_text())
     for engine in ("ddp", "fsdp2"):
         for method in METHODS:
-            assert report["cases"][f"{engine}/{method}"]["engine"] == engine
+            seen = report["cases"][f"{engine}/{method}"]
+            assert seen["world"] == GPU_PROCESSES
+            assert seen["engine"] == (engine if GPU_PROCESSES > 1 else None)
             _check_adapter(tmp_path / engine / method / "adapter",
                            references[method][1] / "adapter", method, rtol=2e-2)  # fmt: skip
     _check_adapter(tmp_path / "fsdp2-resumed" / "adapter", references["lora"][1] / "adapter",

@@ -1,5 +1,6 @@
 """The Hugging Face ``transformers.Trainer`` on an unmodified unipeft model, in one process
-or as one rank under ``accelerate launch`` (DDP, or FSDP through accelerate's plugin).
+or as one rank under ``accelerate launch`` (DDP, or FSDP through accelerate's plugin) or
+``torchrun``.
 
 ``python _train_hf.py OUT [cuda]``: trains ``_cases.model("lora")`` for STEPS steps on the
 global batch GLOBAL_BATCH (``per_device_train_batch_size = GLOBAL_BATCH / world``), then

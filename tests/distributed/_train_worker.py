@@ -42,10 +42,12 @@ def main(out: Path, engines: list[str], methods: list[str], device: str) -> None
             )
             report["resumed"] = {"start": result.start_step, "history": result.history}
     report["later_started_group"] = result.ranks.started_group
-    if dist.get_rank() == 0:
+    grouped = dist.is_initialized()  # not with one process: the trainer starts no group then
+    if not grouped or dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    if grouped:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
