@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _once import made_once
 from typer.testing import CliRunner
 
 import unipeft.cli
@@ -33,13 +34,17 @@ def _lora_parameters(shape: dict[str, int], r: int = 16) -> int:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("bench") / "dist.json"
-    result = CliRunner().invoke(
-        unipeft.cli.app, ["bench", "distributed", "--quick", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    assert "tok/s" in result.output and "full fine-tuning" in result.output
-    return json.loads(out.read_text())
+    def produce(folder: Path) -> None:
+        result = CliRunner().invoke(
+            unipeft.cli.app, ["bench", "distributed", "--quick", "--out", str(folder / "dist.json")]
+        )
+        assert result.exit_code == 0, result.output
+        (folder / "output.txt").write_text(result.output)
+
+    folder = made_once(tmp_path_factory, "bench-distributed", produce)
+    output = (folder / "output.txt").read_text()
+    assert "tok/s" in output and "full fine-tuning" in output
+    return json.loads((folder / "dist.json").read_text())
 
 
 def _row(data: dict[str, Any], library: str, engine: str, world: int) -> dict[str, Any]:

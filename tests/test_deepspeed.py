@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from _once import made_once
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import _cases
@@ -324,9 +325,9 @@ def launch(
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
-    out = tmp_path_factory.mktemp("deepspeed")
+    out = made_once(tmp_path_factory, "deepspeed", launch)
     ref = tmp_path_factory.mktemp("reference")
-    return launch(out), out, ref
+    return json.loads((out / "report.json").read_text()), out, ref
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _once import made_once
 
 import unipeft
 import unipeft.distributed as ud
@@ -47,9 +48,11 @@ def torchrun(*args: str, processes: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("distributed")
-    for engine in ENGINES:
-        launch(torchrun(str(HERE / "_worker.py"), engine, str(out)))
+    def produce(folder: Path) -> None:
+        for engine in ENGINES:
+            launch(torchrun(str(HERE / "_worker.py"), engine, str(folder)))
+
+    out = made_once(tmp_path_factory, "distributed", produce)
     reports = {e: json.loads((out / f"report-{e}.json").read_text()) for e in ENGINES}
     return {"out": out, "reports": reports}
 

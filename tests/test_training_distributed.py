@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _once import made_once
 
 from unipeft.training import RunConfigError, TrainerConfig, TrainingError, load_run_config, run
 from unipeft.training import distributed as tdist
@@ -71,14 +72,17 @@ def references(tmp_path_factory) -> dict[str, tuple[object, Path]]:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    def by_torchrun(out: Path) -> None:
+        launch(torchrun(WORKER, str(out), "ddp", "fsdp2"))
+
+    def by_accelerate(out: Path) -> None:
+        launch(accelerate("--use_fsdp", "--fsdp_version", "2", WORKER, str(out), "auto", "ddp",
+                          "--methods", ",".join(ACCELERATE_METHODS)))  # fmt: skip
+
     runs = {}
-    out = tmp_path_factory.mktemp("torchrun")
-    launch(torchrun(WORKER, str(out), "ddp", "fsdp2"))
-    runs["torchrun"] = (json.loads((out / "report.json").read_text()), out)
-    out = tmp_path_factory.mktemp("accelerate")
-    launch(accelerate("--use_fsdp", "--fsdp_version", "2", WORKER, str(out), "auto", "ddp",
-                      "--methods", ",".join(ACCELERATE_METHODS)))  # fmt: skip
-    runs["accelerate"] = (json.loads((out / "report.json").read_text()), out)
+    for name, produce in (("torchrun", by_torchrun), ("accelerate", by_accelerate)):
+        out = made_once(tmp_path_factory, f"trainer-{name}", produce)
+        runs[name] = (json.loads((out / "report.json").read_text()), out)
     return runs
 
 
