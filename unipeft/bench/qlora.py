@@ -11,7 +11,8 @@ built twice in the same process, once per library, one after the other: unipeft
 time over the timed steps (each ended by ``torch.cuda.synchronize``), tokens per second,
 and ``torch.cuda.max_memory_allocated`` over the steps (reset after building) and the
 memory allocated after building, both above what was allocated before the build (nothing of
-the other library's run is counted). ``quick``: a tiny model on the CPU with float32 compute, for the test suite.
+the other library's run is counted). ``quick``: a tiny model on the CPU with float32
+compute, for the test suite.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def setup(cfg: DistributedConfig, device: str) -> tuple[Ranks, str]:
     world = gather.world_size()
     if world > 1 and device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # plain "cuda": the current device
     engine = None
     if world > 1:
         engine = cfg.engine
