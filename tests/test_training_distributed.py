@@ -17,8 +17,6 @@ launchers (``--use_fsdp``; ``--multi_gpu`` in the slow test), which run on CPUs 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from unipeft.training import distributed as tdist
 HERE = Path(__file__).parent / "distributed"
 sys.path.insert(0, str(HERE))
 import _cases  # noqa: E402
+from test_distributed import launch, torchrun  # noqa: E402
 
 WORKER = str(HERE / "_train_worker.py")
 BIN = Path(sys.executable).parent
@@ -42,20 +41,6 @@ ACCELERATE_METHODS = ["lora", "prompt_tuning", "moe_lora"]  # the rest: the slow
 # sums differ with the split: the update (trained - initial) is compared, relative to its norm
 UPDATE_RTOL = {"lora@bf16": 0.15}
 LOSS_RTOL = {"lora@bf16": 1e-2}
-
-
-def launch(args: list[str], timeout: int = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(
-            f"{args} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-        )
-
-
-def torchrun(*args: str, processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(processes), *args]  # fmt: skip
 
 
 def accelerate(*args: str) -> list[str]:

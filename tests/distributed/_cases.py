@@ -49,6 +49,12 @@ def model(method: str) -> unipeft.DeltaModel:
         base = base.to(torch.bfloat16)
     m = unipeft.apply(base, method.split("@")[0], **CASES[method])
     m.deltas.float()  # the adapters in float32 (a no-op on a float32 backbone)
+    return perturbed(m)
+
+
+def perturbed(m: unipeft.DeltaModel) -> unipeft.DeltaModel:
+    """``m`` with every trainable tensor moved off its initial value by seeded noise (so no
+    delta starts as zeros and every update is compared on a non-trivial adapter)."""
     torch.manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():

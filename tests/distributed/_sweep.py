@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,13 +36,7 @@ SMALL = {
 def sweep_model(method: str) -> unipeft.DeltaModel:
     """``method`` (defaults, or :data:`SMALL`) on the tiny Llama, every trainable tensor
     moved off its initial value, as :func:`_cases.model` does."""
-    m = unipeft.apply(_cases.backbone(), method, **SMALL.get(method, {}))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return m
+    return _cases.perturbed(unipeft.apply(_cases.backbone(), method, **SMALL.get(method, {})))
 
 
 def methods() -> list[str]:

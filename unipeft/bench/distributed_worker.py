@@ -34,37 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .perf_setup import LLAMA_ALL, _quiet
+from .perf_setup import FULL_LLAMA, LLAMA3_8B, LLAMA_ALL, TINY_LLAMA, _quiet
 
 LIBRARIES = ("unipeft", "peft")
 ENGINES = ("single", "ddp", "fsdp2")
 ADAPTER = "default"
 
-LLAMA_085B = {  # the `llama` model of `unipeft bench perf --full` (perf_setup.FULL_LLAMA)
-    "hidden_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "intermediate_size": 5632,
-    "vocab_size": 32000,
-}
-LLAMA3_8B = {  # Llama-3-8B's shape
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-}
-TINY = {  # CPU-sized, for --quick
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 256,
-}
+LLAMA_085B = FULL_LLAMA  # the `llama` model of `unipeft bench perf --full`
+TINY = TINY_LLAMA
 MODELS = {"llama": LLAMA_085B, "8b": LLAMA3_8B, "tiny": TINY}
 
 

@@ -27,27 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .perf_setup import FULL_LLAMA, QUICK_LLAMA
+from .perf_setup import FULL_LLAMA, LLAMA3_8B, QUICK_LLAMA, TINY_LLAMA
 
 GIB = 2**30
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.gate", "mlp.up", "mlp.down")
 PEFT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA3_8B = {  # Llama-3-8B's shape
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-}
-TINY = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 256,
-}
+TINY = TINY_LLAMA
 MODELS = {"llama": FULL_LLAMA, "8b": LLAMA3_8B, "quick": QUICK_LLAMA, "tiny": TINY}
 LIBRARIES = ("unipeft", "peft")
 Progress = Callable[[str], None]

@@ -214,16 +214,13 @@ def perf_cmd(
 
     import torch
 
-    from ..bench import check_writable, perf, write_json
+    from ..bench import perf, write_json
 
     with cli_errors():
         perf.require_peft()
         if device not in (None, "cpu", "cuda"):
             raise fail(f"--device {device!r}: use cpu or cuda")
-        if output is not None:
-            if output.is_dir():
-                raise fail(f"--output {output} is a folder; give the JSON file's name")
-            check_writable(output.parent if str(output.parent) else Path("."))
+        _check_out(output, "--output")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
         warn(
@@ -309,7 +306,7 @@ def distributed_cmd(
 ) -> None:
     """LoRA training under one process, DDP and FSDP2 (torchrun launches), unipeft beside
     Hugging Face PEFT: tokens/s and peak memory per GPU, and full fine-tuning's memory."""
-    from ..bench import check_writable, distributed, perf, write_json
+    from ..bench import distributed, perf, write_json
 
     with cli_errors():
         perf.require_peft()
@@ -318,10 +315,7 @@ def distributed_cmd(
             quick=quick, steps=steps, warmup=warmup, batch=batch, length=length, layers=layers,
             timeout=timeout,
         )  # fmt: skip
-        if out is not None:
-            if out.is_dir():
-                raise fail(f"--out {out} is a folder; give the JSON file's name")
-            check_writable(out.parent if str(out.parent) else Path("."))
+        _check_out(out)
     result = distributed.run_bench(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
     if out is not None:
         write_json(out, result)
@@ -366,7 +360,7 @@ def qlora_cmd(
 ) -> None:
     """QLoRA (NF4, double quantization, bf16 compute; LoRA r=16 on q,k,v,o,gate,up,down):
     step time and peak memory, unipeft beside Hugging Face PEFT."""
-    from ..bench import check_writable, perf, write_json
+    from ..bench import perf, write_json
 
     with cli_errors():
         perf.require_peft()
@@ -379,13 +373,21 @@ def qlora_cmd(
             steps=steps, warmup=warmup, batch=batch, length=length, rank=rank,
             libraries=libraries, gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
-        if out is not None:
-            if out.is_dir():
-                raise fail(f"--out {out} is a folder; give the JSON file's name")
-            check_writable(out.parent if str(out.parent) else Path("."))
+        _check_out(out)
         result = qlora.run(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
     if out is not None:
         write_json(out, result)
     _console.print(qlora.render(result))
     if out is not None:
         _console.print(f"figures written to {out}")
+
+
+def _check_out(out: Path | None, option: str = "--out") -> None:
+    """``option`` names a JSON file whose folder can be written (checked before any run)."""
+    from ..bench import check_writable
+
+    if out is None:
+        return
+    if out.is_dir():
+        raise fail(f"{option} {out} is a folder; give the JSON file's name")
+    check_writable(out.parent if str(out.parent) else Path("."))
