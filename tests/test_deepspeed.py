@@ -161,10 +161,9 @@ def _logits(engine: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_checks(engine: Any, model: Any, ids: torch.Tensor, merge_error: type) -> dict:
-    """``model.merge()`` on the engine's module: the outputs are unchanged and unmerge()
-    restores the base weights bit for bit, or it refuses with a MergeError. Then the same
-    through the ledger with :func:`zero.gathered` (``modifier_rank=0``), which is how
-    merging under ZeRO-3 works."""
+    """``model.merge()`` on the engine's module (the merge ledger gathers what it folds
+    under ZeRO-3): the outputs are unchanged, the base weights changed and (ZeRO-3)
+    partitioned again, and ``unmerge()`` restores them bit for bit; or the MergeError."""
     engine.eval()
     seen: dict[str, Any] = {}
     before = _logits(engine, ids)
@@ -178,25 +177,12 @@ def _merge_checks(engine: Any, model: Any, ids: torch.Tensor, merge_error: type)
         seen["merge_error"] = str(exc)
     else:
         seen["merge_diff"] = float((_logits(engine, ids) - before).abs().max())
+        with zero.gathered(weights):
+            seen["weights_changed"] = any(not torch.equal(w, p) for w, p in zip(weights, pristine))
+        seen["repartitioned"] = all(w.numel() == 0 for w in weights if zero.is_partitioned(w))
         model.unmerge()
         with zero.gathered(weights):
             seen["unmerge_exact"] = all(torch.equal(w, p) for w, p in zip(weights, pristine))
-    # the recipe, through the ledger itself
-    atts = list(model.get_adapter("default").attachments)
-    with zero.gathered(zero.merge_parameters(atts), modifier_rank=0):
-        model._ledger.merge(atts)
-    merged = _logits(engine, ids)
-    seen["recipe_merged"] = [a.merged for a in atts].count(True) == len(atts)
-    with zero.gathered(weights):
-        seen["recipe_weights_changed"] = any(
-            not torch.equal(w, p) for w, p in zip(weights, pristine)
-        )
-    with zero.gathered(zero.merge_parameters(atts), modifier_rank=0):
-        model._ledger.unmerge(atts)
-    seen["recipe_merge_diff"] = float((merged - before).abs().max())
-    with zero.gathered(weights):
-        seen["recipe_unmerge_exact"] = all(torch.equal(w, p) for w, p in zip(weights, pristine))
-    seen["recipe_repartitioned"] = all(w.numel() == 0 for w in weights if zero.is_partitioned(w))
     engine.train()
     return seen
 
@@ -405,14 +391,12 @@ def check_partitioning(runs: tuple[dict[str, Any], Path, Path], stage: int) -> N
 def check_merge(runs: tuple[dict[str, Any], Path, Path], stage: int, atol: float) -> None:
     report, _, _ = runs
     seen = report["runs"][f"zero{stage}/lora"]
-    if "merge_error" in seen:
-        assert stage == 3, seen["merge_error"]
-        assert "ZeRO-3" in seen["merge_error"] and "unipeft.load" in seen["merge_error"]
-    else:
-        assert seen["merge_diff"] < atol and seen["unmerge_exact"]
-    assert seen["recipe_merged"] and seen["recipe_weights_changed"]
-    assert seen["recipe_merge_diff"] < atol
-    assert seen["recipe_unmerge_exact"] and seen["recipe_repartitioned"]
+    # merge() folds under ZeRO-3 too (the ledger gathers each weight): the outputs keep the
+    # adapter's contribution (its factors are perturbed, so a fold that did nothing would
+    # change them) and unmerge() restores the weights bit for bit
+    assert "merge_error" not in seen, seen.get("merge_error")
+    assert seen["merge_diff"] < atol and seen["weights_changed"] and seen["repartitioned"]
+    assert seen["unmerge_exact"]
 
 
 def check_hf_trainer(runs: tuple[dict[str, Any], Path, Path], stage: int, atol: float) -> None:
@@ -457,10 +441,8 @@ def test_peft_export_under_zero(
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_merge_under_zero(runs: tuple[dict[str, Any], Path, Path], stage: int) -> None:
-    """``merge()`` on a ZeRO model keeps the outputs and ``unmerge()`` restores the weights
-    bit for bit, or (ZeRO-3, where no rank holds the weights) it refuses saying what to do.
-    Folding through the ledger inside ``zero.gathered(..., modifier_rank=0)`` merges under
-    ZeRO-3 too: outputs kept, weights changed and partitioned again, unmerge exact."""
+    """``merge()`` on a ZeRO-2 or ZeRO-3 model keeps the outputs, changes the base weights
+    (partitioned again under ZeRO-3), and ``unmerge()`` restores them bit for bit."""
     check_merge(runs, stage, atol=1e-4)
 
 

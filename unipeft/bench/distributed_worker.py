@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .perf_setup import FULL_LLAMA, LLAMA3_8B, LLAMA_ALL, TINY_LLAMA, _quiet
+from .perf_setup import FULL_LLAMA, LLAMA_ALL, _quiet
+from .shapes import LLAMA3_8B, TINY_LLAMA
 
 LIBRARIES = ("unipeft", "peft")
 ENGINES = ("single", "ddp", "fsdp2")

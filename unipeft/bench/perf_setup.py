@@ -95,15 +95,6 @@ FULL_LLAMA = {
     "intermediate_size": 5632,
     "vocab_size": 32000,
 }
-LLAMA3_8B = {  # Llama-3-8B's shape (the distributed and QLoRA benchmarks' `8b`)
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-}
 QUICK_LLAMA = {
     "hidden_size": 256,
     "num_hidden_layers": 4,
@@ -111,14 +102,6 @@ QUICK_LLAMA = {
     "num_key_value_heads": 2,
     "intermediate_size": 688,
     "vocab_size": 2000,
-}
-TINY_LLAMA = {  # CPU-sized: the distributed and QLoRA benchmarks' --quick
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "vocab_size": 256,
 }
 QUICK_CLIP_VISION = {
     "layers": 4,

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .perf_setup import FULL_LLAMA, LLAMA3_8B, QUICK_LLAMA, TINY_LLAMA
+from .perf_setup import FULL_LLAMA, QUICK_LLAMA
+from .shapes import LLAMA3_8B, TINY_LLAMA
 
 GIB = 2**30
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.gate", "mlp.up", "mlp.down")

@@ -246,12 +246,14 @@ def sites_in(backbone: nn.Module, sites: Sequence[Site]) -> None:
 def refuse_sharded(model: nn.Module, operation: str) -> None:
     """Raise :class:`MergeError` when ``model``'s weights are sharded by FSDP (1 or 2) or
     DeepSpeed ZeRO-3: ``operation`` (merge, unmerge, unload, delete_adapter) rewrites whole
-    weights or removes parameters the engine manages, and no rank holds them whole."""
+    weights or removes parameters the engine manages, and no rank holds them whole. Merging
+    and unmerging under ZeRO-3 are allowed: the ledger gathers each weight it folds into,
+    and DeepSpeed partitions rank 0's result back."""
     from ..distributed.gather import sharding_engine
 
     engine = sharding_engine(model)
-    if engine is None:
-        return
+    if engine is None or (engine == "zero3" and operation in ("merge", "unmerge")):
+        return  # ZeRO-3: the merge ledger gathers what it folds (GatheredParameters)
     names = {"fsdp2": "FSDP2 (fully_shard)", "fsdp1": "FSDP1", "zero3": "DeepSpeed ZeRO-3"}
     raise MergeError(
         f"{operation}() on a model sharded by {names[engine]}: no rank holds the backbone's "

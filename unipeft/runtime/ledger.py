@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..contract.sites import ModuleSite, WeightCodec, weight_codec
+from ..distributed import zero
 from ..quantization import record_error, warn_merge
 from .state import AdapterState, Attachment
 
@@ -68,16 +69,20 @@ class MergeLedger:
         return [a for r in self._records.values() for a in r.merged]
 
     def merge(self, attachments: Iterable[Attachment]) -> None:
+        attachments = list(attachments)
         touched: dict[int, _Record] = {}
-        for att in attachments:
-            site = att.site
-            assert isinstance(site, ModuleSite)
-            rec = self._record(site)
-            rec.merged.append(att)
-            att.merged = True
-            touched[id(rec)] = rec
-        for rec in touched.values():
-            self._rebuild(rec)
+        # under DeepSpeed ZeRO-3 the weights and deltas are whole on every rank meanwhile, and
+        # what rank 0 writes is partitioned back (every rank computes the same); else a no-op
+        with zero.gathered(zero.merge_parameters(attachments), modifier_rank=0):
+            for att in attachments:
+                site = att.site
+                assert isinstance(site, ModuleSite)
+                rec = self._record(site)
+                rec.merged.append(att)
+                att.merged = True
+                touched[id(rec)] = rec
+            for rec in touched.values():
+                self._rebuild(rec)
         warn_merge({r.path: r.error for r in touched.values() if r.error is not None})
 
     def quantization_errors(self) -> dict[str, float]:
@@ -85,6 +90,7 @@ class MergeLedger:
         return {r.path: r.error for r in self._records.values() if r.error is not None}
 
     def unmerge(self, attachments: Iterable[Attachment]) -> None:
+        attachments = list(attachments)
         touched: dict[int, _Record] = {}
         for att in attachments:
             for rec in self._records.values():
@@ -92,8 +98,10 @@ class MergeLedger:
                     rec.merged.remove(att)
                     touched[id(rec)] = rec
             att.merged = False
-        for rec in touched.values():
-            self._rebuild(rec)
+        others = [a for r in touched.values() for a in (*r.merged, *r.residual)]
+        with zero.gathered(zero.merge_parameters([*attachments, *others]), modifier_rank=0):
+            for rec in touched.values():
+                self._rebuild(rec)
 
     def residuals(self) -> list[Attachment]:
         return [a for r in self._records.values() for a in r.residual]
