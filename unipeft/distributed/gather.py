@@ -255,14 +255,21 @@ def _engine_managed(model: nn.Module) -> bool:
     if isinstance(model, FSDPModule):  # FSDP2, however it was applied
         return True
     deltas = model.__dict__.get("_modules", {}).get("deltas")
-    first = next(iter(deltas.parameters()), None) if deltas is not None else None
-    return first is not None and zero.is_partitioned(first)
+    for param in deltas.parameters() if deltas is not None else ():
+        if zero.is_partitioned(param):  # ZeRO-3 partitions every parameter
+            return True
+        if param.requires_grad:
+            # DeepSpeed ZeRO-1/2 (and its bf16 optimizer) link each trainable parameter to
+            # its fp32 master copy and write the updated values back through ``.data``
+            return hasattr(param, "_hp_mapping")
+    return False
 
 
 def refresh_versions(model: nn.Module) -> None:
     """Before a forward pass without gradients of a model whose engine writes its
     parameters in place behind autograd's back (FSDP2's all-gathers into the unsharded
-    parameters, FSDP1's views into a flat parameter, ZeRO-3's gathers), bump the version
+    parameters, FSDP1's views into a flat parameter, ZeRO-3's gathers, DeepSpeed's copies of
+    its master weights into the parameters under ZeRO-1/2), bump the version
     counter of every delta parameter, so that what methods cache from them between passes
     without gradients (LoRA's stacked factors, keyed on each tensor's version) is built
     again from this pass's values. A no-op with gradients on (nothing is cached then, and
