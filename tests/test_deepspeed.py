@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import pytest
 import torch
 from _once import made_once
+from test_distributed import launch as launch_command
+from test_distributed import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import _cases
@@ -294,16 +295,8 @@ def launch(
 ) -> dict[str, Any]:
     """Run the worker on ``processes`` ranks (``device``: ``cpu`` or ``cuda``, one GPU a
     rank); rank 0's report."""
-    env = {**os.environ, "DS_ACCELERATOR": device, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(processes), str(HERE), "worker", str(out), device,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"the DeepSpeed workers failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    cmd = torchrun(str(HERE), "worker", str(out), device, processes=processes)
+    launch_command(cmd, timeout, env={"DS_ACCELERATOR": device})
     return json.loads((out / "report.json").read_text())
 
 
@@ -549,18 +542,13 @@ def launch_accelerate(
     0's report."""
     config = out / "deepspeed.json"
     config.write_text(json.dumps(hf_config(stage)))
-    env = {**os.environ, "DS_ACCELERATOR": device, "OMP_NUM_THREADS": "1"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = [
         *accelerate, "--use_deepspeed", "--deepspeed_config_file", str(config),
         "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", str(HERE), "accelerate-worker", str(out), str(stage), device,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"accelerate launch failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
+    launch_command(cmd, timeout, env={"DS_ACCELERATOR": device})
     return json.loads((out / "report.json").read_text())
 
 

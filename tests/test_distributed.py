@@ -30,8 +30,10 @@ import _cases  # noqa: E402
 ENGINES = ("ddp", "fsdp2")
 
 
-def launch(args: list[str], timeout: int = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def launch(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> None:
+    """Run a launcher's command line (``env`` added to this process's environment); its
+    output in the error when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(
