@@ -24,6 +24,7 @@ from _matrix import projection_roles as all_linear
 import unipeft
 from unipeft.methods.reparameterized.lora import LoraDelta, SharedDown, add_low_rank
 from unipeft.methods.reparameterized.lora import fast as lora_mod
+from unipeft.methods.reparameterized.lora import mixed as mixed_mod
 from unipeft.testing.backbones import BACKBONES
 from unipeft.testing.invariants import perturb
 
@@ -468,7 +469,7 @@ def test_masked_mixed_batch_follows_factor_changes_and_base_samples(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[bool] = []
-    real = lora_mod._mixed_masked
+    real = mixed_mod._mixed_masked
 
     def on_cpu_too(deltas, x, y, slots, cache):  # type: ignore[no-untyped-def]
         out = real(deltas, x, y, slots, cache)
@@ -476,7 +477,7 @@ def test_masked_mixed_batch_follows_factor_changes_and_base_samples(
         return out
 
     # the masked path runs on GPUs; take it on the CPU here to check its values
-    monkeypatch.setattr(lora_mod, "_mixed_masked", on_cpu_too)
+    monkeypatch.setattr(mixed_mod, "_mixed_masked", on_cpu_too)
     monkeypatch.setattr(
         LoraDelta,
         "mixed",

@@ -24,7 +24,7 @@ from ....blocks import (
 from ....contract.deltas import ProjectionShape
 from ....contract.method import Method
 from ....contract.sites import Site, weight_codec
-from . import fast
+from . import fast, mixed
 from .residual import ResidualLoraDelta
 
 
@@ -111,7 +111,7 @@ class LoraDelta(LowRankDelta):
     def mixed(
         deltas: list, x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
     ) -> Tensor | None:
-        return fast.mixed_batch(deltas, x, y, slots, cache)
+        return mixed.mixed_batch(deltas, x, y, slots, cache)
 
 
 def _build(cfg: LoraConfig, site: Site) -> LowRankDelta:
