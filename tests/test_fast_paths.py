@@ -22,6 +22,7 @@ from _matrix import backbones, has_fused_qkv, methods
 from _matrix import projection_roles as all_linear
 
 import unipeft
+from unipeft.blocks.fused import lora_linear
 from unipeft.methods.reparameterized.lora import LoraDelta, SharedDown, add_low_rank
 from unipeft.methods.reparameterized.lora import fast as lora_mod
 from unipeft.methods.reparameterized.lora import mixed as mixed_mod
@@ -131,7 +132,8 @@ def test_shared_down_projection_equals_separate_ones(name: str) -> None:
 
 
 def test_shared_down_projection_runs_once_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
-    """timm's fused qkv: the q, k and v slices take their columns of one projection."""
+    """timm's fused qkv: the q, k and v slices take their columns of one projection; with
+    gradients the whole fused output is one node per group."""
     fast, _ = _pair("timm_vit")
     calls: list[int] = []
     real = SharedDown.down
@@ -142,15 +144,54 @@ def test_shared_down_projection_runs_once_per_group(monkeypatch: pytest.MonkeyPa
         calls.append(int(before is None))
         return out
 
+    whole: list[int] = []
+    real_whole = lora_mod._slices_with_grad
+
+    def counting_whole(shared, slices, x, y):  # type: ignore[no-untyped-def]
+        whole.append(len(slices))
+        return real_whole(shared, slices, x, y)
+
     monkeypatch.setattr(SharedDown, "down", counting)
+    monkeypatch.setattr(lora_mod, "_slices_with_grad", counting_whole)
     bb = BACKBONES["timm_vit"]
-    bb.run(fast, bb.sample())  # with gradients the slices run one by one
     groups = len(_groups(fast))
     assert groups == 2  # the qkv of each of the two blocks
-    assert len(calls) == 2 * 3  # every member asked
-    assert sum(calls) == groups  # one projection computed per group
+    bb.run(fast, bb.sample())  # with gradients: one node over each fused output
+    assert whole == [3] * groups and not calls
+    whole.clear()
+    fast = _to_hooks(fast)
+    with torch.no_grad():
+        bb.run(fast, bb.sample())
+    assert whole == []  # without gradients the update goes into the output in place
     shared = [d._shared for d in fast.modules() if isinstance(d, LoraDelta) and d._shared]
     assert all(s._h is None for s in shared)  # nothing held once every member took its part
+
+
+@pytest.mark.parametrize("targets", [["attn.q", "attn.v"], ["attn.v", "attn.k"]])
+def test_fused_slices_with_gaps_match_separate_slices(targets: list[str]) -> None:
+    """Slices that leave rows of the fused output to the base alone (q and v of a qkv):
+    the one-node update equals slice-by-slice updates, values and gradients (float64)."""
+    bb = BACKBONES["timm_vit"]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = unipeft.apply(bb.make(), "lora", r=3, targets=targets)
+        perturb(model, seed=0)
+        models.append(model.double().train())
+    fast, plain = models
+    assert _groups(fast)
+    for d in plain.modules():
+        if isinstance(d, LoraDelta):
+            d._shared = None
+    inputs = bb.sample(seed=3, dtype=torch.float64)
+    out_f, out_p = bb.run(fast, inputs), bb.run(plain, inputs)
+    torch.testing.assert_close(out_f, out_p, atol=1e-12, rtol=1e-10)
+    out_f.square().sum().backward()
+    out_p.square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-10, rtol=1e-9)
 
 
 def test_a_member_called_with_another_input_computes_its_own() -> None:
@@ -448,7 +489,7 @@ def test_fused_backward_scaling_and_gradients_on_a_linear() -> None:
     bb = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     leaves = [x, w, b, a, bb]
     g = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
-    (lora_mod._LoraLinear.apply(x, w, b, a, bb, 0.75, False) * g).sum().backward()
+    (lora_linear(x, w, b, a, bb, 0.75, False) * g).sum().backward()
     fused = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
@@ -460,7 +501,7 @@ def test_fused_backward_scaling_and_gradients_on_a_linear() -> None:
     for t in leaves:
         t.grad = None
     wt = w.detach().t().contiguous().requires_grad_(True)
-    (lora_mod._LoraLinear.apply(x, wt, b, a, bb, 0.75, True) * g).sum().backward()
+    (lora_linear(x, wt, b, a, bb, 0.75, True) * g).sum().backward()
     torch.testing.assert_close(wt.grad, fused[1].t(), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(x.grad, fused[0], atol=1e-12, rtol=1e-12)
 

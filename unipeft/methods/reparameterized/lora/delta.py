@@ -21,6 +21,7 @@ from ....blocks import (
     low_rank_parameters,
     low_rank_refusal,
 )
+from ....blocks.fused import lora_linear
 from ....contract.deltas import ProjectionShape
 from ....contract.method import Method
 from ....contract.sites import Site, weight_codec
@@ -89,7 +90,7 @@ class LoraDelta(LowRankDelta):
             x.requires_grad or a.requires_grad or b.requires_grad or weight.requires_grad
         )
         if grad:
-            return fast._LoraLinear.apply(x, weight, bias, a, b, self.scaling, transposed)
+            return lora_linear(x, weight, bias, a, b, self.scaling, transposed)
         x2 = x.reshape(-1, x.shape[-1])
         wt = weight if transposed else weight.t()
         y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)

@@ -1,8 +1,6 @@
 """LoRA's fast paths: the kernels behind :class:`LoraDelta`'s
 :class:`~unipeft.contract.fastpath.FastPath` methods.
 
-- :class:`_LoraLinear`: one autograd node for a Linear and its LoRA (five matmuls in
-  backward, the input gradients accumulated in one buffer);
 - :class:`SharedDown`: one ``x @ [A_1; A_2; ...]^T`` for the projections of one adapter
   that read the same input;
 - :func:`update_fused_slices`: every slice of a fused projection in two matmuls;
@@ -14,6 +12,7 @@ plain path in ``tests/test_fast_paths.py``.
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,88 +23,6 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .delta import LoraDelta
-
-
-class _LoraLinear(torch.autograd.Function):
-    """``y = x W^T + b + s · (x A^T) B^T`` (``W`` stored ``(in, out)`` when ``transposed``).
-
-    Saves ``x`` (as a view), ``h = x A^T`` and the weights: no activation copy. Backward
-    runs five matmuls and adds the low-rank input gradient into the base's in place;
-    gradients of the base weight and bias are computed only when they require it."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        a: Tensor,
-        b: Tensor,
-        scaling: float,
-        transposed: bool,
-    ) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        wt = weight if transposed else weight.t()
-        y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)
-        h = torch.mm(x2, a.t())
-        y.addmm_(h, b.t(), alpha=scaling)
-        operands = _product_operands(x)
-        if operands is not None:  # keep the factors autograd keeps anyway, not the product
-            ctx.save_for_backward(*operands, h, weight, a, b)
-        else:
-            ctx.save_for_backward(x2, h, weight, a, b)
-        ctx.product = operands is not None
-        ctx.scaling, ctx.transposed, ctx.x_shape = scaling, transposed, x.shape
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if ctx.product:  # the input again, bit for bit: the same elementwise product
-            p, q, h, weight, a, b = ctx.saved_tensors
-            x2 = torch.mul(p, q).reshape(-1, p.shape[-1])
-        else:
-            x2, h, weight, a, b = ctx.saved_tensors
-        s = ctx.scaling
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        # s folded into the matmuls (beta=0: the empty input is ignored): no scaling kernels
-        none = dy2.new_empty(())
-        dh = torch.addmm(none, dy2, b, beta=0, alpha=s) if (need_x or need_a) else None
-        dx = dw = dbias = da = db = None
-        if need_x:
-            dx = torch.mm(dy2, weight.t() if ctx.transposed else weight)
-            dx.addmm_(dh, a)
-            dx = dx.view(ctx.x_shape)
-        if need_w:
-            dw = torch.mm(x2.t(), dy2) if ctx.transposed else torch.mm(dy2.t(), x2)
-        if need_bias and ctx.has_bias:
-            dbias = dy2.sum(0)
-        if need_a:
-            da = torch.mm(dh.t(), x2)
-        if need_b:
-            db = torch.addmm(none, dy2.t(), h, beta=0, alpha=s)
-        return dx, dw, dbias, da, db, None, None
-
-
-def _product_operands(x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(p, q)`` when ``x`` is the elementwise product ``p * q`` and autograd already keeps
-    both factors for its own backward: the input of a gated MLP's down projection
-    (``act(gate) * up``). Saving them instead of ``x`` costs one multiplication in backward
-    and no activation memory."""
-    if torch.compiler.is_compiling():
-        return None
-    fn = x.grad_fn
-    if fn is None or type(fn).__name__ != "MulBackward0":
-        return None
-    try:
-        p, q = fn._saved_self, fn._saved_other
-    except RuntimeError:  # already released
-        return None
-    for t in (p, q):
-        if not isinstance(t, Tensor) or t.shape != x.shape or t.dtype != x.dtype:
-            return None
-    return p, q
 
 
 _SHARED_ROLES = {"attn.q": "attn_in", "attn.k": "attn_in", "attn.v": "attn_in"}
@@ -202,27 +119,60 @@ def update_fused_slices(
     deltas: list[LoraDelta], slices: list[tuple[int, int]], x: Tensor, y: Tensor
 ) -> Tensor | None:
     """All slices of a fused projection (timm ``qkv``, GPT-2 ``c_attn``, MHA ``in_proj``)
-    in two matmuls, without gradients: ``h = x [A_1; ...]^T`` and ``y += h B_block^T``
-    into ``y`` itself. ``None`` unless ``deltas`` are exactly one shared group."""
+    in two matmuls: ``h = x [A_1; ...]^T`` and ``y + h B_block^T``, where ``B_block``
+    ``(width, Σr)`` holds member i's ``s_i B_i`` in its output rows and its own columns.
+    Without gradients the update goes into ``y`` itself. With gradients it is one
+    ``addmm`` node over the whole output: backward gets ``dh`` for every member from one
+    matmul and passes ``dY`` to the base whole, with no per-slice narrowing, zero-filling
+    or concatenation. ``None`` unless ``deltas`` are exactly one shared group."""
     shared = deltas[0]._shared
-    if (
-        shared is None
-        or torch.is_grad_enabled()
-        or len(shared.members) != len(deltas)
-        or any(d.drops for d in deltas)
-    ):
+    if shared is None or len(shared.members) != len(deltas) or any(d.drops for d in deltas):
         return None
     where = {id(d): sl for d, sl in zip(deltas, slices)}
     if any(id(m) not in where for m in shared.members):
         return None
     slices = [where[id(m)] for m in shared.members]  # in the group's column order
     width = y.shape[-1]
+    if torch.is_grad_enabled():
+        return _slices_with_grad(shared, slices, x, y)
     y2 = _view(y, (-1, width))
     if y2 is None:
         return None
     h = F.linear(x, shared.stacked_a(x.dtype)).reshape(-1, sum(shared.ranks))
     y2.addmm_(h.to(y.dtype), shared.block_b(slices, width, y.dtype).t())
     return y
+
+
+def _slices_with_grad(
+    shared: SharedDown, slices: list[tuple[int, int]], x: Tensor, y: Tensor
+) -> Tensor:
+    members, width, total = shared.members, y.shape[-1], sum(shared.ranks)
+    a = torch.cat([m.A for m in members]).to(x.dtype)
+    h = F.linear(x, a).reshape(-1, total).to(y.dtype)
+    common = len({m.scaling for m in members}) == 1  # one adapter: usually one scaling
+    alpha = members[0].scaling if common else 1.0  # folded into the addmm when shared
+    bs = [m.B.to(y.dtype) if common else m.B.to(y.dtype) * m.scaling for m in members]
+    order = sorted(range(len(members)), key=lambda i: slices[i][0])
+    tiles = [slices[i] for i in order]
+    contiguous = tiles[0][0] == 0 and tiles[-1][1] == width
+    contiguous = contiguous and all(p[1] == q[0] for p, q in itertools.pairwise(tiles))
+    if contiguous and order == list(range(len(members))):
+        block = torch.block_diag(*bs)  # every output row belongs to one member, in order
+    else:
+        rows: list[Tensor] = []
+        pos = 0
+        for i in order:
+            start, stop = slices[i]
+            if start > pos:
+                rows.append(bs[i].new_zeros(start - pos, total))
+            off = shared.offsets[i]
+            rows.append(F.pad(bs[i], (off, total - off - shared.ranks[i])))
+            pos = stop
+        if pos < width:
+            rows.append(bs[0].new_zeros(width - pos, total))
+        block = torch.cat(rows)
+    out = torch.addmm(y.reshape(-1, width), h, block.t(), alpha=alpha)
+    return out.view(y.shape)
 
 
 def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor | None:
