@@ -16,9 +16,12 @@ data: {path: train.csv, text_column: text, label_column: label}
 method: lora
 budget: 0.5%                # or config: {r: 8}
 trainer: {steps: 200, lr: 0.001, batch_size: 16, checkpoint_every: 50}
+                            # step_mode: auto | eager | graphs | compile (default auto)
 output_dir: runs/lora       # the schema: docs/training.md
 distributed: {engine: ddp}  # optional: under torchrun / accelerate launch (ddp or fsdp2)
 """
+
+STEP_MODES = ("auto", "eager", "graphs", "compile")
 
 
 def register(app: typer.Typer) -> None:
@@ -38,12 +41,30 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[
             bool, typer.Option("--progress/--no-progress", help="show a progress bar on a TTY")
         ] = True,
+        step_mode: Annotated[
+            str | None,
+            typer.Option(
+                "--step-mode",
+                help="override trainer.step_mode: auto (CUDA graphs on one GPU, else eager), "
+                "eager (the opt-out), graphs or compile",
+            ),
+        ] = None,
     ) -> None:
         from ..training.run import run
-        from ._common import cli_errors
+        from ..training.spec import load_run_config
+        from ._common import CliError, cli_errors
 
         with cli_errors():  # bad input: one line, exit 2; the run leaves no output_dir behind
-            result = run(config, resume=resume, progress=progress)
+            if step_mode is not None and step_mode not in STEP_MODES:
+                raise CliError(
+                    f"--step-mode {step_mode!r} is not one of {', '.join(STEP_MODES)}",
+                    hint="see 'unipeft train --help'",
+                )
+            cfg = load_run_config(config)
+            if step_mode is not None:
+                trainer = cfg.trainer.model_copy(update={"step_mode": step_mode})
+                cfg = cfg.model_copy(update={"trainer": trainer})
+            result = run(cfg, resume=resume, progress=progress)
         if os.environ.get("RANK", "0") != "0":
             return  # launched as several processes: rank 0 reports
         out = Console()
@@ -59,6 +80,9 @@ def register(app: typer.Typer) -> None:
         )
         if tr.history:
             out.print(Text(f"last record: {tr.history[-1]}"), soft_wrap=True)
+        if tr.step_mode is not None:
+            out.print(Text(f"step mode: {tr.step_mode.mode} ({tr.step_mode.reason})"),
+                      soft_wrap=True)  # fmt: skip
         out.print(
             Text(f"adapter: {tr.adapter_dir}\nclassifier head: {result.classifier_dir}"),
             soft_wrap=True,

@@ -21,7 +21,8 @@ RESUME_FIELDS = (
 )
 """Fields that must not change when a run resumes: they shape the data order or the updates,
 so a different value could not continue the same run. The others (``steps``, the
-intervals, ``device``) may change, except ``steps`` under a schedule that depends on it."""
+intervals, ``device``, ``step_mode``) may change, except ``steps`` under a schedule that
+depends on it."""
 
 
 class DistributedConfig(BaseModel):
@@ -128,6 +129,13 @@ class TrainerConfig(BaseModel):
     )
     log_every: int = Field(
         10, ge=1, description="record the loss to metrics.jsonl every this many steps"
+    )
+    step_mode: Literal["auto", "eager", "graphs", "compile"] = Field(
+        "auto",
+        description="how each step runs: 'auto' (CUDA graphs on CUDA in one process, eager "
+        "on the CPU and under DDP/FSDP2), 'eager' (plain PyTorch: the opt-out), 'graphs' "
+        "(one CUDA graph replayed per batch; needs batches of one shape), 'compile' "
+        "(torch.compile(dynamic=False) of the forward and loss); forced modes need CUDA",
     )
     measure_memory: bool = Field(
         False,

@@ -41,6 +41,16 @@ from .state import (
     trainable_state,
     trainable_state_keys,
 )
+from .step_modes import (
+    LOG,
+    StepModeReport,
+    choose_mode,
+    conform_optimizer,
+    make_runner,
+    optimizer_options,
+    plain_groups,
+    set_lr,
+)
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -65,6 +75,9 @@ class TrainResult:
     peak_memory_bytes: int | None = None
     """The loop's peak memory (:class:`~unipeft.training.PeakMemory`) when
     ``config.measure_memory``; None otherwise."""
+    step_mode: StepModeReport | None = None
+    """Which step mode ran (``config.step_mode`` resolved), why, and how many steps each
+    way; the last line of ``metrics.jsonl`` carries the mode and the reason too."""
 
 
 class Trainer:
@@ -79,6 +92,11 @@ class Trainer:
     ``output_dir/metrics.jsonl`` and, at the end, the adapters to ``output_dir/adapter/``
     (via :meth:`DeltaModel.save`); with ``output_dir=None`` nothing is written and the run
     cannot be resumed.
+
+    ``config.step_mode`` picks how each step runs: by default (``auto``) on CUDA in one
+    process it is captured once as a CUDA graph and replayed for every batch of that shape
+    (an epoch's last, smaller batch trains eagerly), and elsewhere it runs eagerly;
+    ``eager`` opts out (:mod:`unipeft.training.step_modes`, docs/training.md).
 
     Launched as several processes (``torchrun``, ``accelerate launch``), every rank runs
     the same script: the trainer joins the process group (starting it from the launcher's
@@ -108,6 +126,7 @@ class Trainer:
         self.eval_fn, self.collate_fn, self.progress = eval_fn, collate_fn, progress
         self.batch_order = batch_order
         self._per_epoch = 0
+        self._mode = ("eager", "")
         self.ranks = _dist.Ranks()
         """This process's rank, the world size and the engine, once :meth:`train` starts."""
 
@@ -123,6 +142,8 @@ class Trainer:
         size = _data.check_dataset(self.train_data)
         self._per_epoch = self._batches_per_epoch(size)
         self.ranks, device = _dist.setup(cfg.distributed, device)
+        # a forced step mode that cannot apply is refused before anything is written
+        self._mode = choose_mode(cfg.step_mode, device, self.ranks.world, self.ranks.engine)
         if self.batch_order is None:
             _dist.check_batches(size, cfg.batch_size, self.ranks.world)
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -221,14 +242,17 @@ class Trainer:
         return base + out
 
     def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, list[float]]:
-        """AdamW over the trainable parameters, and each group's peak learning rate."""
+        """AdamW over the trainable parameters (fused and capturable when the step mode
+        needs it), and each group's peak learning rate."""
         cfg = self.config
         groups = self._param_groups(model)
         if len(groups) == 1:
             params: Any = groups[0][1]
         else:
             params = [{"params": ps, "lr": lr} for lr, ps in groups]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_options(self._mode[0])
+        )
         return opt, [lr for lr, _ in groups]
 
     def _check_resumable(self, ckpt: Checkpoint, size: int) -> None:
@@ -301,6 +325,8 @@ class Trainer:
                 load_trainable_state(model, ckpt.trainable, str(out / "checkpoint"))
                 rng_from_parts(ckpt.rng, ckpt.state["rng"])
                 start = ckpt.step
+            # after a checkpoint's param groups (of any step mode) replaced the optimizer's
+            conform_optimizer(optimizer, self._mode[0])
             if out is not None and ranks.main:
                 truncate_metrics(out / METRICS, start)
             ranks.barrier()
@@ -326,30 +352,48 @@ class Trainer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         scheduled = self._scheduled()
         shown = self.progress and self.ranks.main
+        mode, reason = self._mode
+        report = result.step_mode = StepModeReport(cfg.step_mode, mode, reason)
+        LOG.info("unipeft.training: step mode %s (%s)", mode, reason)
+        runner = make_runner(
+            mode,
+            report,
+            loss_of=lambda batch: self._loss(model, batch),
+            update=lambda loss: self._update(optimizer, params, loss),
+            params=params,
+            strict=cfg.step_mode != "auto",
+        )
+        last = self._per_epoch - 1 if self._per_epoch > 1 else -1  # a one-batch epoch: fixed
         with progress_bar(cfg.steps, result.start_step, shown) as advance:
             step = result.start_step
             while step < cfg.steps:
                 epoch, skip = divmod(step, self._per_epoch)
-                for batch in self._epoch_batches(epoch, skip):
+                for index, batch in enumerate(self._epoch_batches(epoch, skip), skip):
                     if scheduled:
                         factor = cfg.lr_factor(step)
                         for group, peak in zip(optimizer.param_groups, peaks, strict=True):
-                            group["lr"] = peak * factor
-                    loss = self._step(model, optimizer, params, to_device(batch, device))
+                            set_lr(group, peak * factor)
+                    loss = runner(
+                        to_device(batch, device),
+                        last=index == last,
+                        where=f"batch {index} of epoch {epoch} (step {step + 1})",
+                    )
                     step += 1
-                    self._after_step(self.model, optimizer, result, step, epoch, size, loss)
+                    self._after_step(
+                        self.model, optimizer, result, step, epoch, size, loss, runner.sync
+                    )
                     advance(loss)
                     if step >= cfg.steps:
                         break
+        runner.sync()  # the caller's eager passes see the trained weights
         return step
 
     def _scheduled(self) -> bool:
         """Whether the learning rate changes from step to step."""
         return self.config.schedule != "constant" or self.config.warmup > 0
 
-    def _step(
-        self, model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], batch: Any
-    ) -> Tensor:
+    def _loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """``loss_fn`` plus the model's ``aux_loss``: what ``step_mode: compile`` compiles."""
         loss = self.loss_fn(model, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError("loss_fn(model, batch) must return a scalar tensor")
@@ -357,6 +401,10 @@ class Trainer:
         extra = aux() if callable(aux) else None
         if isinstance(extra, Tensor):
             loss = loss + extra
+        return loss
+
+    def _update(self, opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor) -> Tensor:
+        """Backward, clipping and the optimizer step (with the forward: one CUDA graph)."""
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -373,19 +421,22 @@ class Trainer:
         epoch: int,
         size: int,
         loss: Tensor,
+        sync: Callable[[], None],
     ) -> None:
         cfg, last = self.config, step == self.config.steps
         record: dict[str, float] = {}
         if step % cfg.log_every == 0 or last:
             record["loss"] = float(self.ranks.mean(loss))
         if self.eval_fn is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            sync()  # eval's caches key on version counters, which graph replays leave alone
             result.metrics = self._evaluate(model)
             record.update(result.metrics)
         if record:
             record = {"step": step, "epoch": epoch, **record}
             result.history.append(record)
             if self.output_dir is not None and self.ranks.main:
-                append_metrics(self.output_dir / METRICS, record)
+                mode = result.step_mode.record() if last and result.step_mode else {}
+                append_metrics(self.output_dir / METRICS, {**record, **mode})
         checkpoint = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if checkpoint and self.output_dir is not None:
             self._checkpoint(model, opt, step, size)
@@ -408,6 +459,7 @@ class Trainer:
         cfg = self.config
         epoch, batch = divmod(step, self._per_epoch)
         opt_tensors, opt_doc = optimizer_to_parts(opt)
+        opt_doc = plain_groups(opt_doc)  # graphs keep the learning rate in a tensor
         rng_tensors, rng_doc = rng_to_parts()
         state = {
             "step": step,
