@@ -31,9 +31,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ...blocks import LowRankConfig, LowRankDelta, low_rank_parameters, low_rank_refusal
+from ...blocks.fused import dora_linear
 from ...contract.deltas import ProjectionShape
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, Site, weight_codec
+from . import dora_mixed
 
 
 class DoraConfig(LowRankConfig):
@@ -180,6 +182,54 @@ class DoraDelta(LowRankDelta):
             new = self._adapted(weight)
             delta = new.sub_(weight.reshape(weight.shape[0], -1).to(new.dtype))
         return delta.reshape(weight.shape).to(self.A.dtype)
+
+    # ------------------------------------------------------------------ FastPath
+    # A single DoRA on a Linear runs as one fused node (:meth:`fused_linear`); mixed batches
+    # have their own kernels (:mod:`.dora_mixed`); the other hooks run the plain forward.
+
+    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
+        return self(x, y)
+
+    def fused_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
+    ) -> Tensor | None:
+        """The site's whole output ``g ⊙ (x W^T + s · x A^T B^T) + b`` as one autograd node
+        (:func:`unipeft.blocks.dora_linear`): no separate low-rank output, gain product or
+        bias pass in forward or backward. Declined where the plain path must run: GPT-2
+        ``Conv1D`` weights, dropout, quantized weights, autocast."""
+        if transposed or self.shape.is_conv or self.drops:
+            return None
+        if not weight.is_floating_point() or weight_codec(weight) is not None:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        g = self._gain(weight, live=True)
+        a, b = self.A.to(x.dtype), self.B.to(x.dtype)
+        if torch.is_grad_enabled():
+            return dora_linear(x, weight, bias, a, b, g, self.scaling)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, weight.t())
+        y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=self.scaling)
+        y.mul_(g.to(y.dtype))
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def update_slices(
+        deltas: list, slices: list[tuple[int, int]], x: Tensor, y: Tensor
+    ) -> Tensor | None:
+        return None
+
+    @staticmethod
+    def link(attachments: list) -> None:
+        return None
+
+    @staticmethod
+    def mixed(
+        deltas: list, x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
+    ) -> Tensor | None:
+        return dora_mixed.mixed_batch(deltas, x, y, slots, cache)
 
 
 def _row_squares(w: Tensor) -> Tensor:
