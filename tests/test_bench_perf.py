@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import unipeft.cli
-from unipeft.bench import perf
+from unipeft.bench import perf, perf_steady, perf_timing
 
 pytest.importorskip("peft")
 pytest.importorskip("open_clip")
@@ -45,14 +45,29 @@ def tiny_config(**changes: Any) -> perf.PerfConfig:
         warmup=0,
         apply_repeats=1,
         merge_repeats=1,
+        steady_warmup=0,
+        steady_steps=2,
     )
     return replace(base, **changes)
+
+
+OPTIMIZERS: list[dict[str, Any]] = []  # the defaults of every AdamW the run below built
 
 
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
     threads = torch.get_num_threads()
-    out = perf.run_perf(tiny_config())
+    original = perf_timing.adamw
+
+    def spy(params: Any, **kw: Any) -> torch.optim.Optimizer:
+        opt = original(params, **kw)
+        OPTIMIZERS.append(opt.defaults)
+        return opt
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (perf, perf_steady):
+            mp.setattr(module, "adamw", spy)
+        out = perf.run_perf(tiny_config())
     assert torch.get_num_threads() == threads  # the run gives the thread count back
     return out
 
@@ -63,6 +78,7 @@ EXPECTED = {
     "train_step_full",
     *TRAIN,
     "train_step_dora_all_linear",
+    "train_step_steady",
     "minilm_train_step_floor",
     "minilm_train_step_full",
     *(f"minilm_{name}" for name in TRAIN),
@@ -72,6 +88,9 @@ EXPECTED = {
     "inference_merged",
     "merge_time",
     "mixed_batch",
+    "mixed_batch_many",
+    "mixed_batch_dora",
+    "mixed_batch_dora_many",
     "open_clip_mha_lora",
     "apply_time",
     "train_step_catalogue",
@@ -105,13 +124,19 @@ def _times(fig: dict[str, Any]) -> dict[str, float]:
 
 def test_every_figure_is_positive(result: dict[str, Any]) -> None:
     for name, fig in result["figures"].items():
-        if name == "train_step_catalogue":  # one row per method: its own test below
+        if name in ("train_step_catalogue", "train_step_steady"):  # their own tests below
             continue
         times = _times(fig)
         assert times, name
         for key, value in times.items():
+            if isinstance(value, dict):  # per kernel: null where a kernel does not apply
+                assert all(v is None or v > 0 for v in value.values()), (name, key)
+                continue
             if value is None:  # only DoRA may be missing, and then it says why
-                assert "dora" in name and "note" in fig, (name, key)
+                assert "dora" in name and ("note" in fig or fig.get("peft_mixed_refused")), (
+                    name,
+                    key,
+                )
                 continue
             assert value > 0, (name, key)
         # peak memory is a CUDA figure: null on the CPU, with a note
@@ -189,10 +214,11 @@ def test_report_tables(result: dict[str, Any]) -> None:
     sections = perf.report_sections(result)
     titles = [s.title for s in sections]
     assert titles[:2] == ["training step, Llama", "training step, MiniLM"]
-    assert {"inference, Llama", "mixed batch, Llama", "apply, Llama"} <= set(titles)
-    marked = [r for s in sections for r in s.rows if r.met]
-    assert len(marked) == len(perf.QUICK_TARGETS)
-    assert all(r.met in ("met", "missed") for r in marked)
+    assert {"inference, Llama", "apply, Llama"} <= set(titles)
+    assert any(t.startswith("mixed batch, ") for t in titles)
+    marks = [m for s in sections for r in s.rows if r.met for m in r.met.split("; ")]
+    assert len(marks) == len(perf.QUICK_TARGETS)
+    assert all(m in ("met", "missed") for m in marks)
 
 
 def test_missing_unipeft_dora_is_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,3 +335,44 @@ def test_catalogue_section_compares_the_same_adapters(result: dict[str, Any]) ->
         assert row["max_abs_diff"] < 1e-4, f"{method}: the libraries disagree"
     titles = [s.title for s in perf.report_sections(result)]
     assert "catalogue training step, Llama, all linear" in titles
+
+
+# -------------------------------------------------------------- steady state, the optimizer
+
+
+def test_steady_figures(result: dict[str, Any]) -> None:
+    f = result["figures"]["train_step_steady"]
+    assert f["steps"] == 2 and f["warmup"] == 0 and not f["notes"]
+    variants = {"floor", "full", "peft_native_lora_all"}
+    variants |= {f"{lib}_{v}" for lib in ("unipeft", "peft") for v in ("lora_qv", "lora_all")}
+    assert set(f["mean_ms"]) == variants | {"unipeft_dora", "peft_dora"}
+    assert all(v > 0 for v in f["mean_ms"].values())
+    assert f["floor_ms"] > 0 and _close(f["full_to_floor"], f["full_ms"], f["floor_ms"])
+    for key in ("lora_qv", "lora_all_linear", "dora"):
+        pair = f[key]
+        assert pair["unipeft_ms"] > 0 and pair["peft_ms"] > 0, key
+        assert _close(pair["unipeft_to_floor"], pair["unipeft_ms"], f["floor_ms"])
+        assert _close(pair["peft_to_floor"], pair["peft_ms"], f["floor_ms"])
+        assert _close(pair["unipeft_to_peft"], pair["unipeft_ms"], pair["peft_ms"])
+    native = f["lora_all_linear"]["peft_native_dtype_ms"]
+    assert _close(f["lora_all_linear"]["peft_native_dtype_to_floor"], native, f["floor_ms"])
+    titles = [s.title for s in perf.report_sections(result)]
+    assert "training step, steady state (each variant alone, 2 steps), Llama" in titles
+
+
+def test_every_training_variant_steps_with_fused_adamw(result: dict[str, Any]) -> None:
+    # Llama and MiniLM training sections and the steady section: one AdamW per variant
+    # but the floor, 8 variants each; the catalogue builds its own
+    assert len(OPTIMIZERS) == 3 * 8
+    assert all(d["fused"] is True and d["lr"] == perf_timing.LR for d in OPTIMIZERS)
+    opt = result["config"]["optimizer"]
+    assert opt["class"] == "torch.optim.AdamW" and opt["fused"] is True and opt["on"] == "cpu"
+
+
+def test_steady_timer_runs_every_step() -> None:
+    calls: list[int] = []
+    out = perf_timing.time_steady(lambda: calls.append(1), device="cpu", warmup=2, steps=5)
+    assert len(calls) == 7
+    assert min(out["median_ms"], out["mean_ms"], out["first_call_ms"]) >= 0
+    cold = perf_timing.time_steady(lambda: None, device="cpu", warmup=0, steps=1)
+    assert cold["first_call_ms"] is None

@@ -8,7 +8,7 @@ rounds. On CUDA a run is timed with CUDA events and a synchronize, on the CPU wi
 
 Sections:
 
-* training step (forward, backward, AdamW step; the same loss for every variant): the
+* training step (forward, backward, fused AdamW step; the same loss for every variant): the
   frozen-base *floor* (every weight frozen, the embedding output made to require grad, so
   backward runs through every layer but computes no weight gradient and nothing is
   optimised), full fine-tuning, LoRA on q,v, LoRA on every linear layer, DoRA on every
@@ -21,6 +21,9 @@ Sections:
 * catalogue: the training step and peak memory of VeRA, LoHa, LoKr, OFT, BOFT, AdaLoRA and
   (IA)³ on every linear layer, each library holding the same adapter
   (:mod:`unipeft.bench.perf_catalogue`).
+
+* steady state and torch.compile: the training step of each variant alone, back-to-back
+  steps after warm-up, eager and compiled (:mod:`unipeft.bench.perf_steady`).
 
 This module holds the training, inference, mixed-batch and apply sections and the run;
 :mod:`unipeft.bench.perf_clip` and :mod:`unipeft.bench.perf_graphs` the open_clip and
@@ -52,6 +55,7 @@ import unipeft
 from .perf_catalogue import catalogue_section
 from .perf_clip import _clip_section
 from .perf_graphs import _graph_section
+from .perf_mixed import mixed_section
 from .perf_report import _ratio, report_sections
 from .perf_setup import (
     ADAPTER,
@@ -72,7 +76,6 @@ from .perf_setup import (
     _llama_workload,
     _minilm_workload,
     _peak_bytes,
-    _peft_config,
     _peft_lora,
     _quiet,
     _randomise,
@@ -86,6 +89,8 @@ from .perf_setup import (
     require_peft,
     time_interleaved,
 )
+from .perf_steady import compile_section, steady_section, train_step
+from .perf_timing import adamw, optimizer_record
 
 __all__ = [
     "FULL_TARGETS",
@@ -151,8 +156,8 @@ def _train_section(
         model.train()
         if name != "floor":
             params = [p for p in model.parameters() if p.requires_grad]
-            opts[name] = torch.optim.AdamW(params, lr=1e-5)
-        steps[name] = _train_step(model, opts[name], work)
+            opts[name] = adamw(params)
+        steps[name] = train_step(model, opts[name], work)
 
     progress(f"{work.name}: timing {len(steps)} training-step variants")
     ms = time_interleaved(
@@ -170,19 +175,6 @@ def _train_section(
     del steps, models, opts, floor, full
     _free(dev)
     return _train_figures(work.name, ms, peak, trainable, agree, notes)
-
-
-def _train_step(
-    model: nn.Module, opt: torch.optim.Optimizer | None, work: Workload
-) -> Callable[[], None]:
-    def step() -> None:
-        loss = work.loss(model(**work.train_inputs))
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def _pair(
@@ -233,7 +225,7 @@ def _train_figures(
             **mem_note,
         },
         f"{pre}train_step_full": {
-            "what": "full fine-tuning: forward + backward + AdamW step over every weight",
+            "what": "full fine-tuning: forward + backward + fused AdamW step over every weight",
             "ms": ms["full"],
             "to_floor": _ratio(ms["full"], ms["floor"]),
             "peak_gib": _gib(peak["full"]),
@@ -247,7 +239,7 @@ def _train_figures(
         ("all", "lora_all_linear", "LoRA r=16 on every linear layer of the blocks"),
     ):
         fig = {
-            "what": f"{what}: forward + backward + AdamW step",
+            "what": f"{what}: forward + backward + fused AdamW step",
             **_pair(ms, peak, f"unipeft_lora_{tag}", f"peft_lora_{tag}", "floor", "floor"),
             "unipeft_trainable": trainable[f"unipeft_lora_{tag}"],
             "peft_trainable": trainable[f"peft_lora_{tag}"],
@@ -270,7 +262,7 @@ def _train_figures(
             )
         figs[f"{pre}train_step_{key}"] = fig
     dora = {
-        "what": "DoRA r=16 on every linear layer: forward + backward + AdamW step",
+        "what": "DoRA r=16 on every linear layer: forward + backward + fused AdamW step",
         **_pair(ms, peak, "unipeft_dora", "peft_dora", "floor", "floor"),
         "unipeft_to_unipeft_lora": _ratio(ms.get("unipeft_dora"), ms["unipeft_lora_all"]),
         "peft_to_peft_lora": _ratio(ms.get("peft_dora"), ms["peft_lora_all"]),
@@ -361,70 +353,6 @@ def _inference_section(
     return figs
 
 
-def _mixed_section(
-    work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
-) -> dict[str, Any]:
-    """``cfg.adapters`` LoRA adapters loaded; sample ``i`` uses adapter ``i``."""
-    dev = cfg.device
-    names = [f"a{i}" for i in range(cfg.adapters)]
-    um = _unipeft_lora(copy.deepcopy(work.model), cfg, work.all_linear, name=names[0])
-    pm = _peft_lora(copy.deepcopy(work.model), cfg, work.all_linear, name=names[0])
-    for i, name in enumerate(names):
-        if i:
-            um.add_adapter(
-                name, "lora", r=cfg.rank, alpha=cfg.alpha, targets=work.all_linear.unipeft
-            )
-            pm.add_adapter(name, _peft_config(cfg, work.all_linear))
-        _randomise(um, name, cfg.seed + i)
-        _copy_lora(um, name, pm, name)
-    um.set_active(names[0])
-    pm.set_adapter(names[0])
-    um.eval()
-    pm.eval()
-    batch = next(iter(work.inputs.values())).shape[0]
-    routing = [names[i % len(names)] for i in range(batch)]
-    agree = _agreement(um, pm, work.inputs, adapter_names=routing)
-
-    def forward(model: nn.Module, **kw: Any) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.no_grad():
-                return model(**work.inputs, **kw)
-
-        return run
-
-    progress(f"{work.name}: timing a mixed batch of {len(names)} adapters")
-    ms = time_interleaved(
-        {
-            "unipeft_single": forward(um),
-            "unipeft_mixed": forward(um, adapter_names=routing),
-            "peft_single": forward(pm),
-            "peft_mixed": forward(pm, adapter_names=routing),
-        },
-        device=dev,
-        warmup=cfg.warmup,
-        repeats=cfg.repeats,
-        host=host.setdefault(f"{work.name}_mixed_batch", {}),
-    )
-    del um, pm
-    _free(dev)
-    return {
-        "mixed_batch": {
-            "what": f"{len(names)} LoRA adapters (r=16, every linear layer) loaded; sample i "
-            "uses adapter i (adapter_names=...) vs the same model with one adapter active",
-            "adapters": len(names),
-            "batch": batch,
-            "unipeft_single_ms": ms["unipeft_single"],
-            "unipeft_mixed_ms": ms["unipeft_mixed"],
-            "unipeft_mixed_to_single": _ratio(ms["unipeft_mixed"], ms["unipeft_single"]),
-            "peft_single_ms": ms["peft_single"],
-            "peft_mixed_ms": ms["peft_mixed"],
-            "peft_mixed_to_single": _ratio(ms["peft_mixed"], ms["peft_single"]),
-            "unipeft_to_peft": _ratio(ms["unipeft_mixed"], ms["peft_mixed"]),
-            "agreement": agree,
-        }
-    }
-
-
 def _apply_section(
     work: Workload, cfg: PerfConfig, progress: Progress, host: dict[str, dict[str, float]]
 ) -> dict[str, Any]:
@@ -508,8 +436,10 @@ def _measure(
         described: dict[str, Any] = {}
         llama_sections = {
             "train": _train_section,
+            "steady": steady_section,
+            "compile": compile_section,
             "inference": _inference_section,
-            "mixed": _mixed_section,
+            "mixed": mixed_section,
             "apply": _apply_section,
             "cuda_graphs": _graph_section,
             "catalogue": catalogue_section,
@@ -573,6 +503,7 @@ def run_perf(cfg: PerfConfig, progress: Progress | None = None) -> dict[str, Any
         peft_defaults="PEFT runs with its defaults: autocast_adapter_dtype=True keeps adapter "
         "weights in fp32 on a bf16 model (the all-linear training step is also measured with "
         "autocast_adapter_dtype=False)",
+        optimizer=optimizer_record(cfg.device),
         timer="torch.cuda.Event + synchronize" if cfg.device == "cuda" else "time.perf_counter",
         host_ms="on CUDA, per section and variant: median ms until a call returned to Python, "
         "before the synchronize; close to the device time when the host's kernel launches set "

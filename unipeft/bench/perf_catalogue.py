@@ -38,6 +38,7 @@ from .perf_setup import (
     require_peft,
     time_interleaved,
 )
+from .perf_timing import adamw
 
 # method id -> unipeft's config fields, chosen to match PEFT's usual settings for the method
 CATALOGUE: dict[str, dict[str, Any]] = {
@@ -85,7 +86,7 @@ def _agreement(um: Any, pm: nn.Module, work: Workload) -> tuple[float, float]:
 
 def _step(model: nn.Module, work: Workload, adalora_peft: bool) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = adamw(params)
     count = [0]
 
     def step() -> None:

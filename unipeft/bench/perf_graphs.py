@@ -1,4 +1,4 @@
-"""The CUDA-graph section of ``unipeft bench perf``: the training step (capturable AdamW)
+"""The CUDA-graph section of ``unipeft bench perf``: the training step (fused, capturable AdamW)
 and unmerged inference captured as CUDA graphs and replayed, for both libraries, so the
 figures show device time without the host's kernel launches.
 """
@@ -25,6 +25,7 @@ from .perf_setup import (
     _unipeft_lora,
     time_interleaved,
 )
+from .perf_timing import adamw
 
 
 def _capture(fn: Callable[[], Any], warmup: int) -> Callable[[], None]:
@@ -40,7 +41,8 @@ def _graph_section(
     """The training step and the unmerged forward captured as CUDA graphs, so the host's
     kernel launches drop out and what is left is device time: frozen-base floor, LoRA on
     every linear layer (both libraries), unipeft's DoRA; base and unmerged LoRA inference.
-    AdamW runs with ``capturable=True`` inside the graph."""
+    AdamW runs fused with ``capturable=True`` inside the graph; should a fused step refuse
+    capture, the variant is captured again with the foreach AdamW, and a note says so."""
     if cfg.device != "cuda":
         return {}
     steps: dict[str, Callable[[], None]] = {}
@@ -51,10 +53,16 @@ def _graph_section(
     def fresh() -> nn.Module:
         return copy.deepcopy(work.model)
 
-    def train(model: nn.Module) -> Callable[[], None]:
+    def train(model: nn.Module, fused: bool = True) -> Callable[[], None]:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, capturable=True) if params else None
+        opt = None
+        if params:
+            opt = (
+                adamw(params, capturable=True)
+                if fused
+                else torch.optim.AdamW(params, lr=1e-5, capturable=True, foreach=True)
+            )
         keep.append((model, opt))
 
         def step() -> None:
@@ -84,10 +92,19 @@ def _graph_section(
     }
     progress(f"{work.name}: capturing CUDA graphs")
     for name, build in builders.items():
-        try:
-            steps[name] = _capture(train(build()), cfg.warmup + 1)
-        except Exception as exc:  # report, do not fail: capture is a property of the code
-            notes[f"train_{name}"] = f"capture failed: {type(exc).__name__}: {exc}"
+        for fused in (True, False):
+            kept = len(keep)
+            try:
+                steps[name] = _capture(train(build(), fused), cfg.warmup + 1)
+                break
+            except Exception as exc:  # report, do not fail: capture is a property of the code
+                how = "fused AdamW" if fused else "foreach AdamW"
+                notes[f"train_{name}"] = (
+                    notes.get(f"train_{name}", "") + f"capture with {how} failed: "
+                    f"{type(exc).__name__}: {exc}; "
+                )
+                del keep[kept:]  # the failed variant's model and optimizer only
+                _free(cfg.device)
     infer_builders: dict[str, Callable[[], nn.Module]] = {
         "base": fresh,
         "unipeft_lora": builders["unipeft_lora"],
@@ -109,8 +126,8 @@ def _graph_section(
     floor, base = t.get("floor"), i.get("base")
     return {
         "train_step_cuda_graph": {
-            "what": "the training step (forward, backward, AdamW with capturable=True) of LoRA "
-            "r=16 on every linear layer, captured as one CUDA graph and replayed: device "
+            "what": "the training step (forward, backward, fused AdamW with capturable=True) "
+            "of LoRA r=16 on every linear layer, captured as one CUDA graph and replayed: device "
             "time without the host's launches",
             "floor_ms": floor,
             "unipeft_ms": t.get("unipeft_lora"),

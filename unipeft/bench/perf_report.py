@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .perf_mixed import mixed_report_rows
+
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
@@ -65,11 +67,14 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
 
     def row(figure: str, *quantities: str, **cells: str) -> Row:
         out = Row(figure=cells.pop("label"), **cells)
+        limits, marks = [], []  # a row may carry several targets: "; " between them
         for q in quantities:
             t = targets.get((figure, q))
             if t is not None:
-                out.target = f"≤ {t['limit']:g}{_TARGET_UNITS.get(q, '')}"
-                out.met = "n/a" if t["met"] is None else "met" if t["met"] else "missed"
+                limits.append(f"≤ {t['limit']:g}{_TARGET_UNITS.get(q, '')}")
+                marks.append("n/a" if t["met"] is None else "met" if t["met"] else "missed")
+        if limits:
+            out.target, out.met = "; ".join(limits), "; ".join(marks)
         return out
 
     def pair(name: str, label: str, ref: str, *quantities: str) -> Row:
@@ -144,6 +149,7 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
         )
         sections.append(Section(f"training step, {model}", "floor", rows))
 
+    sections += _steady_sections(figs)
     if "inference_base" in figs:
         m = figs["merge_time"]
         rows = [
@@ -155,28 +161,8 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
         ]
         sections.append(Section("inference, Llama", "base", rows))
 
-    if "mixed_batch" in figs:
-        f = figs["mixed_batch"]
-        rows = [
-            Row(
-                "one adapter active",
-                _ms(f["unipeft_single_ms"]),
-                _ms(f["peft_single_ms"]),
-                _x(_ratio(f["unipeft_single_ms"], f["peft_single_ms"])),
-                "1.00× / 1.00×",
-            ),
-            row(
-                "mixed_batch",
-                "unipeft_mixed_to_single",
-                label=f"sample i → adapter i, {f['adapters']} adapters",
-                unipeft=_ms(f["unipeft_mixed_ms"]),
-                peft=_ms(f["peft_mixed_ms"]),
-                ratio=_x(f["unipeft_to_peft"]),
-                to_ref=_both(f["unipeft_mixed_to_single"], f["peft_mixed_to_single"]),
-            ),
-            agreement(f["agreement"]["max_abs_diff"]),
-        ]
-        sections.append(Section("mixed batch, Llama", "single", rows))
+    for title, mixed_rows in mixed_report_rows(figs, targets):
+        sections.append(Section(title, "single", [Row(**r) for r in mixed_rows]))
 
     if "open_clip_mha_lora" in figs:
         f = figs["open_clip_mha_lora"]
@@ -262,3 +248,67 @@ def report_sections(result: dict[str, Any]) -> list[Section]:
         ]
         sections.append(Section("apply, Llama", "", rows))
     return sections
+
+
+def _lib_row(label: str, f: dict[str, Any]) -> Row:
+    """A unipeft-vs-PEFT row of the steady-state and compiled figures."""
+    return Row(
+        label,
+        _ms(f["unipeft_ms"]),
+        _ms(f["peft_ms"]),
+        _x(f["unipeft_to_peft"]),
+        _both(f["unipeft_to_floor"], f["peft_to_floor"]),
+    )
+
+
+def _breaks(variant: dict[str, Any] | None) -> str:
+    return "—" if variant is None else str(variant["graph_breaks"])
+
+
+def _steady_sections(figs: dict[str, Any]) -> list[Section]:
+    """The one-variant-at-a-time tables: eager steady state, and under torch.compile."""
+    out = []
+    if "train_step_steady" in figs:
+        f = figs["train_step_steady"]
+        rows = [
+            Row("frozen-base floor", _ms(f["floor_ms"]), to_ref="1.00×"),
+            Row("full fine-tuning", _ms(f["full_ms"]), to_ref=_x(f["full_to_floor"])),
+            _lib_row("LoRA q,v", f["lora_qv"]),
+            _lib_row("LoRA all linear", f["lora_all_linear"]),
+        ]
+        lora = f["lora_all_linear"]
+        if "peft_native_dtype_ms" in lora:
+            rows.append(
+                Row(
+                    "  peft, autocast off",
+                    _ms(lora["unipeft_ms"]),
+                    _ms(lora["peft_native_dtype_ms"]),
+                    _x(_ratio(lora["unipeft_ms"], lora["peft_native_dtype_ms"])),
+                    _both(lora["unipeft_to_floor"], lora["peft_native_dtype_to_floor"]),
+                )
+            )
+        rows.append(_lib_row("DoRA all linear", f["dora"]))
+        rows += [Row(f"  {name} failed", to_ref=note[:60]) for name, note in f["notes"].items()]
+        title = f"training step, steady state (each variant alone, {f['steps']} steps), Llama"
+        out.append(Section(title, "floor", rows))
+    if "train_step_compiled" in figs:
+        f = figs["train_step_compiled"]
+        v = f["variants"]
+        rows = [Row("frozen-base floor", _ms(f["floor_ms"]), to_ref="1.00×")]
+        for label, key, u, p in (
+            ("LoRA all linear", "lora_all_linear", "unipeft_lora_all", "peft_lora_all"),
+            ("DoRA all linear", "dora", "unipeft_dora", "peft_dora"),
+        ):
+            if u not in v and p not in v:
+                continue
+            rows.append(_lib_row(label, f[key]))
+            rows.append(Row("  graph breaks", _breaks(v.get(u)), _breaks(v.get(p))))
+        rows.insert(1, Row("  graph breaks", _breaks(v.get("floor"))))
+        rows += [
+            Row(f"  {name} failed", to_ref=(entry["error"] or "")[:60])
+            for name, entry in v.items()
+            if entry["error"]
+        ]
+        title = f"training step, torch.compile ({f['backend']}), each variant alone, Llama"
+        out.append(Section(title, "compiled floor", rows))
+    return out

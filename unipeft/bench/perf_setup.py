@@ -4,13 +4,10 @@ workloads (models, inputs, losses) and both libraries' adapters (sections: :mod:
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Any
 
 import torch
@@ -20,7 +17,17 @@ import unipeft
 from unipeft.contract.errors import UnipeftError
 from unipeft.model import DeltaModel
 
-GIB = 2**30
+# the timers live in .perf_timing; the sections import them from here too
+from .perf_timing import GIB as GIB
+from .perf_timing import _free as _free
+from .perf_timing import _gib as _gib
+from .perf_timing import _peak_bytes as _peak_bytes
+from .perf_timing import _run_once as _run_once
+from .perf_timing import _state_bytes as _state_bytes
+from .perf_timing import _sync as _sync
+from .perf_timing import _wall as _wall
+from .perf_timing import time_interleaved as time_interleaved
+
 ADAPTER = "a0"
 DORA = "dora"  # unipeft's DoRA method id (its fields: r, alpha, dropout, as LoRA's)
 PEFT_INSTALL = "pip install 'unipeft[bench]'"
@@ -47,6 +54,19 @@ def require_peft() -> Any:
 # ================================================================================= config
 
 
+SECTIONS = (
+    "train",
+    "steady",
+    "compile",
+    "inference",
+    "mixed",
+    "open_clip",
+    "apply",
+    "cuda_graphs",  # CUDA only
+    "catalogue",
+)
+
+
 @dataclass(frozen=True)
 class PerfConfig:
     """What to build and how often to run it. Build one with :func:`full_config` or
@@ -70,16 +90,12 @@ class PerfConfig:
     warmup: int = 2
     apply_repeats: int = 3
     merge_repeats: int = 3
+    steady_warmup: int = 3  # steady and compile: untimed steps of each variant first
+    steady_steps: int = 20  # steady and compile: consecutive timed steps of each variant
+    compile_backend: str = "inductor"  # torch.compile's backend in the compile section
+    compile_scope: str = "model"  # compile: "model" (one torch.compile) or "blocks" (each block)
     seed: int = 0
-    sections: tuple[str, ...] = (
-        "train",
-        "inference",
-        "mixed",
-        "open_clip",
-        "apply",
-        "cuda_graphs",  # CUDA only
-        "catalogue",
-    )
+    sections: tuple[str, ...] = SECTIONS
     threads: int | None = None  # CPU intra-op threads; None: 1 on the CPU, torch's default on CUDA
 
     @property
@@ -132,6 +148,7 @@ def full_config(
         minilm=False,
         repeats=10 if repeats is None else repeats,
         warmup=2,
+        steady_steps=20 if repeats is None else 2 * repeats,
     )
 
 
@@ -153,6 +170,10 @@ def quick_config(device: str = "cpu", *, repeats: int | None = None) -> PerfConf
         warmup=1,
         apply_repeats=3,
         merge_repeats=3,
+        steady_warmup=1,
+        steady_steps=7 if repeats is None else repeats,
+        # a CPU compile takes minutes; ask for it with sections=(..., "compile")
+        sections=tuple(s for s in SECTIONS if s != "compile"),
     )
 
 
@@ -168,17 +189,57 @@ class Target:
 
 
 FULL_TARGETS = (
-    Target("train_step_lora_all_linear", "unipeft_to_floor", 1.10, "LoRA all-linear step / floor"),
+    # a quantity with dots reads nested entries: "lora_all_linear.unipeft_to_floor"
+    Target(
+        "train_step_lora_all_linear",
+        "unipeft_to_floor",
+        1.35,
+        "LoRA all-linear step / floor, eager (interleaved rounds)",
+    ),
+    Target(
+        "train_step_steady",
+        "lora_all_linear.unipeft_to_floor",
+        1.35,
+        "LoRA all-linear step / floor, eager, one variant at a time",
+    ),
+    Target(
+        "train_step_cuda_graph",
+        "unipeft_to_floor",
+        1.12,
+        "LoRA all-linear step / floor, CUDA-graph replay",
+    ),
+    Target(
+        "train_step_compiled",
+        "lora_all_linear.unipeft_to_floor",
+        1.12,
+        "LoRA all-linear step / compiled floor, torch.compile",
+    ),
     Target(
         "train_step_lora_all_linear",
         "unipeft_peak_to_floor",
         1.15,
         "LoRA all-linear peak memory / floor",
     ),
-    Target("train_step_dora_all_linear", "unipeft_to_unipeft_lora", 1.25, "DoRA step / LoRA step"),
+    Target(
+        "train_step_dora_all_linear",
+        "unipeft_to_unipeft_lora",
+        1.25,
+        "DoRA step / LoRA step, eager",
+    ),
+    Target(
+        "train_step_cuda_graph",
+        "unipeft_dora_to_unipeft_lora",
+        1.25,
+        "DoRA step / LoRA step, CUDA-graph replay",
+    ),
     Target("inference_unmerged", "unipeft_to_base", 1.10, "unmerged LoRA inference / base"),
-    Target("mixed_batch", "unipeft_mixed_to_single", 1.30, "mixed batch of 8 / single adapter"),
-    Target("open_clip_mha_lora", "unipeft_to_base", 1.15, "open_clip MHA LoRA forward / base"),
+    Target("mixed_batch", "unipeft_mixed_to_single", 1.20, "LoRA mixed batch of 8 / single"),
+    Target("mixed_batch_many", "unipeft_mixed_to_single", 1.5, "LoRA mixed batch of 64 / single"),
+    Target("mixed_batch_dora", "unipeft_mixed_to_single", 1.20, "DoRA mixed batch of 8 / single"),
+    Target(
+        "mixed_batch_dora_many", "unipeft_mixed_to_single", 1.5, "DoRA mixed batch of 64 / single"
+    ),
+    Target("open_clip_mha_lora", "unipeft_to_base", 1.10, "open_clip MHA LoRA forward / base"),
     Target("apply_time", "unipeft_s", 0.2, "apply to the big model (s)"),
 )
 QUICK_TARGETS = (
@@ -195,13 +256,22 @@ QUICK_TARGETS = (
         0.9,
         "MiniLM LoRA all-linear train step / PEFT's",
     ),
+    Target("minilm_train_step_lora_qv", "unipeft_to_floor", 1.03, "MiniLM LoRA q,v step / floor"),
+    Target(
+        "minilm_train_step_lora_all_linear",
+        "unipeft_to_floor",
+        1.15,
+        "MiniLM LoRA all-linear step / floor",
+    ),
 )
 
 
 def _check_targets(profile: str, figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for t in FULL_TARGETS if profile == "full" else QUICK_TARGETS:
-        value = figures.get(t.figure, {}).get(t.quantity)
+        value: Any = figures.get(t.figure, {})
+        for key in t.quantity.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
         rows.append(
             {
                 "figure": t.figure,
@@ -213,113 +283,6 @@ def _check_targets(profile: str, figures: dict[str, dict[str, Any]]) -> list[dic
             }
         )
     return rows
-
-
-# ================================================================================= timing
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _run_once(fn: Callable[[], Any], device: str) -> tuple[float, float]:
-    """Seconds one call of ``fn`` takes (CUDA events on the GPU, perf_counter on the CPU),
-    and seconds until the call returned to Python (on CUDA, before the synchronize: when
-    that is as long as the device time, the host's launches set the pace)."""
-    if device == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        fn()
-        end.record()
-        host = time.perf_counter() - t0
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000, host
-    t0 = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - t0
-    return elapsed, elapsed
-
-
-def time_interleaved(
-    variants: dict[str, Callable[[], Any]],
-    *,
-    device: str,
-    warmup: int,
-    repeats: int,
-    host: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Median milliseconds per call of each variant. Every round calls each variant once,
-    starting one variant later than the round before, so slow drift and ordering effects
-    fall on every variant alike. ``host`` receives the median milliseconds until each call
-    returned to Python."""
-    names = list(variants)
-    if not names:
-        return {}
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    returned: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            elapsed, back = _run_once(variants[name], device)
-            times[name].append(elapsed)
-            returned[name].append(back)
-    if host is not None:
-        host.update({name: 1000 * median(ts) for name, ts in returned.items()})
-    return {name: 1000 * median(ts) for name, ts in times.items()}
-
-
-def _wall(fn: Callable[[], Any], device: str) -> float:
-    """Seconds of ``fn`` by the wall clock, the device synchronized before and after."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None) -> int:
-    """Bytes that stay allocated between steps: parameters, buffers, optimizer state."""
-    seen: set[int] = set()
-    total = 0
-    tensors = [*model.parameters(), *model.buffers()]
-    if opt is not None:
-        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
-    for t in tensors:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _peak_bytes(fn: Callable[[], Any], resident: int) -> int:
-    """Peak CUDA memory of one call of ``fn`` as if its model were alone on the device:
-    the allocation peak above what was allocated before the call, plus ``resident``."""
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before + resident
-
-
-def _gib(n: int | None) -> float | None:
-    return None if n is None else n / GIB
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ============================================================================== workloads

@@ -207,19 +207,48 @@ def perf_cmd(
         int | None,
         typer.Option(min=1, help="CPU intra-op threads (default on the CPU: 1)"),
     ] = None,
+    sections: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated sections to run (default: all; --quick leaves compile out): "
+            "train, steady, compile, inference, mixed, open_clip, apply, cuda_graphs, catalogue"
+        ),
+    ] = None,
+    steady_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="steady and compile: timed steps per variant (20 full)"),
+    ] = None,
+    compile_backend: Annotated[
+        str | None,
+        typer.Option(help="compile: torch.compile's backend (default inductor)"),
+    ] = None,
+    compile_scope: Annotated[
+        str | None,
+        typer.Option(
+            help="compile: model (one torch.compile of the whole model, the default) or "
+            "blocks (each decoder block compiled: identical blocks compile once)"
+        ),
+    ] = None,
 ) -> None:
-    """unipeft and Hugging Face PEFT side by side: training step, memory, inference,
-    merges, mixed batches, open_clip attention, apply time; ratios and targets."""
+    """unipeft and Hugging Face PEFT side by side: training step (interleaved, steady state,
+    compiled), memory, inference, merges, mixed batches, open_clip attention, apply time;
+    ratios and targets."""
     import dataclasses
 
     import torch
 
     from ..bench import perf, write_json
+    from ..bench.perf_setup import SECTIONS
 
     with cli_errors():
         perf.require_peft()
         if device not in (None, "cpu", "cuda"):
             raise fail(f"--device {device!r}: use cpu or cuda")
+        chosen = None if sections is None else [s.strip() for s in sections.split(",")]
+        if chosen is not None and (not all(chosen) or not set(chosen) <= set(SECTIONS)):
+            raise fail(f"--sections {sections!r}: choose from {', '.join(SECTIONS)}")
+        if compile_scope not in (None, "model", "blocks"):
+            raise fail(f"--compile-scope {compile_scope!r}: use model or blocks")
         _check_out(output, "--output")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and not torch.cuda.is_available():
@@ -234,7 +263,16 @@ def perf_cmd(
         cfg = perf.quick_config(dev, repeats=repeats)
     else:
         cfg = perf.full_config(dev, layers=layers, repeats=repeats)
-    cfg = dataclasses.replace(cfg, threads=threads)
+    changes: dict = {"threads": threads}
+    if chosen is not None:
+        changes["sections"] = tuple(chosen)
+    if steady_steps is not None:
+        changes["steady_steps"] = steady_steps
+    if compile_backend is not None:
+        changes["compile_backend"] = compile_backend
+    if compile_scope is not None:
+        changes["compile_scope"] = compile_scope
+    cfg = dataclasses.replace(cfg, **changes)
     result = perf.run_perf(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
     if output is not None:
         write_json(output, result)
@@ -278,6 +316,114 @@ def _print_perf(result: dict) -> None:
         f"targets: [green]{counts['met']} met[/], [red]{counts['missed']} missed[/]"
         + (f", [yellow]{counts['n/a']} not measured[/]" if counts["n/a"] else "")
     )
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    """A comma-separated list of positive integers, or ``None`` for the default."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise fail(f"{option} {text!r} must be comma-separated integers like 8,32,128") from None
+    if not values or min(values) < 1:
+        raise fail(f"{option} {text!r} needs at least one value, each at least 1")
+    return values
+
+
+@bench_app.command("sweep")
+def sweep_cmd(
+    output: Annotated[
+        Path, typer.Option("--output", help="folder for sweep.json, sweep.md and sweep.png")
+    ],
+    quick: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick/--full",
+            help="tiny layers on the CPU (--quick) or the 2048 and 4096 Llama layers (--full); "
+            "default: --full with CUDA, --quick without",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu)")
+    ] = None,
+    hidden: Annotated[
+        str | None, typer.Option(help="hidden sizes to run (full: 2048,4096; quick: 64,96)")
+    ] = None,
+    lengths: Annotated[
+        str | None, typer.Option(help="sequence lengths (full: 512,1024,2048,4096)")
+    ] = None,
+    ranks: Annotated[str | None, typer.Option(help="LoRA ranks (full: 8,16,32,64,128)")] = None,
+    layers: Annotated[int | None, typer.Option(min=1, help="decoder layers (full: 2)")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="sequences per step (full: 1)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="timed steps per variant (full: 20)")
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="untimed steps first (full: 3)")] = None,
+    peft_default: Annotated[
+        bool | None,
+        typer.Option(
+            "--peft-default/--no-peft-default",
+            help="also time PEFT with its default fp32 adapters (default: yes)",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU intra-op threads (default on the CPU: 1)")
+    ] = None,
+) -> None:
+    """How LoRA's cost grows with the work: hidden size × sequence length × rank, the
+    training step of unipeft and of PEFT over the frozen floor (JSON, markdown, PNG)."""
+    import dataclasses
+
+    import torch
+
+    from ..bench import check_writable, perf_sweep, write_json
+    from ..bench.plots import sweep_chart
+
+    with cli_errors():
+        perf_sweep.require_peft()
+        if device not in (None, "cpu", "cuda"):
+            raise fail(f"--device {device!r}: use cpu or cuda")
+        grid = {
+            "hidden": _ints(hidden, "--hidden"),
+            "lengths": _ints(lengths, "--lengths"),
+            "ranks": _ints(ranks, "--ranks"),
+        }
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and not torch.cuda.is_available():
+            warn("CUDA is not available on this machine: running the quick CPU sweep instead")
+            dev, quick = "cpu", True
+        if quick is None:
+            quick = dev == "cpu"
+        cfg = perf_sweep.quick_sweep(dev) if quick else perf_sweep.full_sweep(dev)
+        known = {s["hidden_size"]: s for s in cfg.shapes}
+        if grid["hidden"] is not None and not set(grid["hidden"]) <= set(known):
+            raise fail(
+                f"--hidden {hidden!r}: this configuration has hidden sizes "
+                f"{', '.join(map(str, known))}"
+            )
+        out = check_writable(output)
+    changes: dict = {"threads": threads}
+    if grid["hidden"] is not None:
+        changes["shapes"] = tuple(known[h] for h in grid["hidden"])
+    for key in ("lengths", "ranks"):
+        if grid[key] is not None:
+            changes[key] = tuple(grid[key])
+    given = {"layers": layers, "batch": batch, "steps": steps, "warmup": warmup}
+    given["peft_default"] = peft_default
+    changes.update({k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **changes)
+    result = perf_sweep.run_sweep(cfg, progress=lambda msg: _console.print(f"[dim]{msg}[/]"))
+    write_json(out / "sweep.json", result)
+    table = perf_sweep.sweep_markdown(result)
+    (out / "sweep.md").write_text(table, encoding="utf-8")
+    env = result["environment"]
+    title = f"LoRA on every linear layer, training step ÷ frozen floor ({env['device_name']})"
+    sweep_chart(result["rows"], out / "sweep.png", title)
+    _console.print(table, markup=False, highlight=False, soft_wrap=True)
+    for err in result["errors"]:
+        _console.print(f"[yellow]not measured: {err}[/]")
+    _console.print(f"written to {out}: sweep.json, sweep.md, sweep.png")
 
 
 @bench_app.command("distributed")
