@@ -245,7 +245,11 @@ def test_kernels_on_cuda_in_bf16(method: str, kernel: str, monkeypatch: pytest.M
             expected = _hidden(model, inputs, names).float()
         with mixed_mod.use_kernel(kernel):
             got = _hidden(model, inputs, names).float()
-    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+    # bf16 through every layer: the kernels sum in other orders, so single elements of the
+    # hidden state may differ by a few bf16 steps (0.04 measured on the H200); a wrong
+    # kernel moves them by O(1) and the mean
+    torch.testing.assert_close(got, expected, atol=8e-2, rtol=3e-2)
+    assert (got - expected).abs().mean() < 5e-3
     if kernel != "auto":  # (auto: SGMV here, 5-token samples; the rule is tested above)
         assert (counter.grouped > 0) == (kernel == "sgmv")
 
