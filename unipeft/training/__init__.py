@@ -19,6 +19,7 @@ from .memory import PeakMemory
 from .run import RunResult, run
 from .spec import DataSpec, RunConfig, RunConfigError, load_run_config
 from .state import CheckpointError, TrainingError
+from .step_modes import StepModeReport
 from .task import TextClassifier, classification_loss
 from .trainer import EvalFn, LossFn, Trainer, TrainResult
 
@@ -35,6 +36,7 @@ __all__ = [
     "RunConfig",
     "RunConfigError",
     "RunResult",
+    "StepModeReport",
     "TextClassifier",
     "TrainResult",
     "Trainer",
