@@ -197,8 +197,10 @@ class _CountingLowRank(LowRankDelta):
 def test_fast_path_is_an_opt_in_protocol() -> None:
     assert isinstance(_CountingLowRank(unipeft.ProjectionShape(4, 4), 2, 2.0), FastPath)
     assert not isinstance(LowRankDelta(unipeft.ProjectionShape(4, 4), 2, 2.0), FastPath)
-    dora = unipeft.apply(BACKBONES["bert"].make(), "dora", r=2)
-    assert not any(isinstance(a.delta, FastPath) for a in dora.adapters["default"].attachments)
+    loha = unipeft.apply(BACKBONES["bert"].make(), "loha", r=2)
+    assert not any(isinstance(a.delta, FastPath) for a in loha.adapters["default"].attachments)
+    dora = unipeft.apply(BACKBONES["bert"].make(), "dora", r=2)  # its fused node and mixed kernels
+    assert all(a.fast is a.delta for a in dora.adapters["default"].attachments)
     lora = unipeft.apply(BACKBONES["bert"].make(), "lora", r=2)
     assert all(a.fast is a.delta for a in lora.adapters["default"].attachments)
     bb = BACKBONES["llama"]

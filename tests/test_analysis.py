@@ -1,0 +1,146 @@
+"""unipeft.analysis: the sensitivity scores against autograd's own weight gradients, their
+invariants, placement under a budget, and the spectrum helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import unipeft
+from unipeft.analysis import (
+    effective_rank,
+    place,
+    score_sites,
+    scores_table,
+    subspace_overlap,
+)
+from unipeft.analysis.spectrum import adapter_spectra
+from unipeft.contract.errors import ConfigError
+from unipeft.testing.backbones import BACKBONES
+
+
+def _loss(bb):  # type: ignore[no-untyped-def]
+    return lambda model, batch: bb.run(model, batch).double().square().mean()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "timm_vit"])
+def test_scores_equal_autograd_weight_gradients(name: str) -> None:
+    """On one batch, ``grad_norm`` is the norm of autograd's gradient of the site's weight
+    rows (GPT-2's transposed Conv1D and timm's fused qkv slices included), and ``fisher``
+    its square."""
+    bb = BACKBONES[name]
+    model = bb.make().double()
+    batch = bb.sample(seed=1, dtype=torch.float64) if name == "timm_vit" else bb.sample(seed=1)
+    scores = {s.name: s for s in score_sites(model, [batch], _loss(bb), rank=2)}
+    ref = copy.deepcopy(model)
+    _loss(bb)(ref, batch).backward()
+    from unipeft.analysis.sensitivity import resolve_sites
+
+    checked = 0
+    for site in resolve_sites(ref, None):
+        if site.name not in scores:
+            continue
+        w = site.parameter("weight")
+        g = w.grad.t() if site.weight.layout == "conv1d_t" else w.grad
+        if site.out_slice is not None:
+            g = g[site.out_slice[0] : site.out_slice[1]]
+        s = scores[site.name]
+        norm = float(g.norm())
+        assert s.grad_norm == pytest.approx(norm, rel=1e-6, abs=1e-12), site.name
+        assert s.fisher == pytest.approx(norm**2, rel=1e-6, abs=1e-20), site.name
+        checked += 1
+    assert checked == len(scores) >= 10
+
+
+def test_score_invariants_and_the_model_left_as_it_was() -> None:
+    bb = BACKBONES["llama"]
+    model = bb.make()
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    batches = [bb.sample(seed=i) for i in range(3)]
+    x = bb.sample(seed=9)
+    out_before = bb.run(model, x).detach()
+    low = score_sites(model, batches, _loss(bb), rank=1)
+    full = score_sites(model, batches, _loss(bb), rank=10_000)
+    for a, b in zip(low, full):
+        assert a.name == b.name
+        assert 0 <= a.taylor <= b.taylor + 1e-12
+        assert b.taylor == pytest.approx(b.grad_norm, rel=1e-9)  # every direction allowed
+        assert a.fisher >= a.grad_norm**2 * (1 - 1e-9)  # mean of squares ≥ square of mean
+    assert any(a.taylor < b.taylor for a, b in zip(low, full))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+    assert all(not m._forward_hooks for m in model.modules())
+    torch.testing.assert_close(bb.run(model, x), out_before)
+    rows = scores_table(low)
+    assert sorted(r["taylor_rank"] for r in rows) == list(range(1, len(rows) + 1))
+
+
+def test_placement_fits_the_budget_and_reaches_exactly_its_sites() -> None:
+    bb = BACKBONES["llama"]
+    model = bb.make()
+    scores = score_sites(model, [bb.sample(seed=i) for i in range(2)], _loss(bb), rank=2)
+    small = place(model, scores, "lora", 0.02, r=2)
+    large = place(model, scores, "lora", 0.06, r=2)
+    total = sum(p.numel() for p in model.parameters())
+    assert small.parameters <= 0.02 * total and large.parameters <= 0.06 * total
+    assert 0 < small.parameters < large.parameters
+    adapted = unipeft.apply(copy.deepcopy(model), "lora", r=2, targets=small.targets)
+    got = sorted(a.site.name for a in adapted.adapters["default"].attachments)
+    assert got == sorted(small.sites)
+    assert (
+        unipeft.count_trainable(adapted) == small.parameters
+        if hasattr(unipeft, "count_trainable")
+        else sum(p.numel() for p in adapted.parameters() if p.requires_grad) == small.parameters
+    )
+    best = max(scores, key=lambda s: s.taylor / (2 * (s.in_features + s.out_features)))
+    assert best.name in small.sites  # the best score per parameter always goes first
+    with pytest.raises(ConfigError, match="cheapest site needs"):
+        place(model, scores, "lora", 1e-6, r=2)
+    with pytest.raises(ConfigError, match="score 'nope'"):
+        place(model, scores, "lora", 0.02, score="nope", r=2)
+
+
+def test_bad_calibration_input_is_refused() -> None:
+    bb = BACKBONES["llama"]
+    model = bb.make()
+    with pytest.raises(ConfigError, match="batches is empty"):
+        score_sites(model, [], _loss(bb))
+    with pytest.raises(ConfigError, match="scalar loss"):
+        score_sites(model, [bb.sample()], lambda m, b: bb.run(m, b))
+    with pytest.raises(ConfigError, match="rank=0"):
+        score_sites(model, [bb.sample()], _loss(bb), rank=0)
+
+
+def test_spectrum_helpers_on_known_matrices() -> None:
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(12, 1, generator=g), torch.randn(1, 9, generator=g)
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
+    assert effective_rank(torch.eye(6)) == pytest.approx(6.0)
+    assert effective_rank(torch.zeros(4, 4)) == 0.0
+    a = torch.randn(12, 9, generator=g)
+    assert subspace_overlap(a, a, 3, 3) == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    b1 = q[:, :3] @ torch.randn(3, 9, generator=g)
+    b2 = q[:, 3:6] @ torch.randn(3, 9, generator=g)
+    assert subspace_overlap(b1, b2, 3, 3) == pytest.approx(0.0, abs=1e-10)
+    assert subspace_overlap(b1, b1 + 1e-9 * b2, 3, 6) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ConfigError):
+        subspace_overlap(a, a, 0, 1)
+
+
+def test_adapter_spectra_of_a_lora() -> None:
+    bb = BACKBONES["llama"]
+    model = unipeft.apply(bb.make(), "lora", r=2, targets=["attn.q", "attn.v"])
+    with torch.no_grad():
+        for att in model.adapters["default"].attachments:
+            att.delta.B.normal_(0, 0.1)
+    rows = adapter_spectra(model)
+    assert len(rows) == len(model.adapters["default"].attachments)
+    for r in rows:
+        assert 1.0 <= r["effective_rank"] <= 2.0 + 1e-6  # a rank-2 update
+        assert r["norm"] > 0 and len(r["top_singular_values"]) >= 2
+        assert r["top_singular_values"][2:] == pytest.approx(
+            [0.0] * (len(r["top_singular_values"]) - 2), abs=1e-6
+        )

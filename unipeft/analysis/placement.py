@@ -1,0 +1,121 @@
+"""Placing a method under a parameter budget from per-site scores.
+
+:func:`place` picks sites greedily by score per trainable parameter until the budget is
+spent and returns role targets with layer selectors (``"attn.q[0,3]"``), which
+``unipeft.apply`` takes like any other targets. With one ``method`` config for every site,
+each chosen site costs what the method's ``num_parameters`` says for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..contract.errors import ConfigError
+from ..features.budget import parse_budget
+from ..runtime.checks import require_method_id
+from ..runtime.registry import registry
+from .sensitivity import SiteScore, resolve_sites
+
+__all__ = ["Placement", "place"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The sites chosen for ``method`` and the targets that reach exactly them."""
+
+    method: str
+    config: dict[str, Any]
+    targets: list[str]
+    sites: list[str]
+    parameters: int
+    total: int
+    score: str
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.parameters / self.total
+
+
+def place(
+    model: nn.Module,
+    scores: Sequence[SiteScore],
+    method: str,
+    budget: float | str,
+    *,
+    score: str = "taylor",
+    **config: Any,
+) -> Placement:
+    """Sites for ``method`` (with ``config``) chosen by ``score`` under ``budget`` (a
+    fraction of ``model``'s parameters, ``0.005`` or ``"0.5%"``): the highest score per
+    parameter first, every site that still fits. Raises :class:`ConfigError` when not even
+    one site fits."""
+    fraction = parse_budget(budget)
+    reg = registry()
+    spec = reg.method(require_method_id(method))
+    cfg = spec.config.parse(spec.id, config)
+    total = sum(p.numel() for p in model.parameters())
+    names = [s.name for s in scores]
+    by_name = {s.name: s for s in resolve_sites(model, _role_targets(scores))}
+    limit = fraction * total
+
+    def per_parameter(s: SiteScore) -> float:
+        return s.score(score) / max(1, _cost(spec, cfg, by_name[s.name]))
+
+    ranked = sorted(scores, key=per_parameter, reverse=True)
+    chosen: list[SiteScore] = []
+    spent = 0
+    skipped = []
+    for s in ranked:
+        site = by_name[s.name]
+        if spec.size_refusal(cfg, site) is not None:
+            skipped.append(s.name)
+            continue
+        cost = _cost(spec, cfg, site)
+        if spent + cost <= limit:
+            chosen.append(s)
+            spent += cost
+    if not chosen:
+        cheapest = min(_cost(spec, cfg, by_name[n]) for n in names)
+        raise ConfigError(
+            f"no site fits a budget of {100 * fraction:.4g}% of {total} parameters with "
+            f"{spec.id} {config or '(defaults)'}: the cheapest site needs {cheapest} "
+            f"({100 * cheapest / total:.4g}%). Raise the budget or lower the method's size."
+        )
+    order = {n: i for i, n in enumerate(names)}
+    chosen.sort(key=lambda s: order[s.name])
+    return Placement(
+        method=spec.id,
+        config=cfg.model_dump(mode="json"),
+        targets=_role_targets(chosen),
+        sites=[s.name for s in chosen],
+        parameters=spent,
+        total=total,
+        score=score,
+        skipped=skipped,
+    )
+
+
+def _cost(spec: Any, cfg: Any, site: Any) -> int:
+    return int(spec.num_parameters(cfg, site))
+
+
+def _role_targets(scores: Sequence[SiteScore]) -> list[str]:
+    """Role targets with layer selectors reaching exactly these sites."""
+    groups: dict[tuple[str | None, str], list[int]] = {}
+    for s in scores:
+        if s.role is None or s.layer is None:
+            raise ConfigError(
+                f"site {s.name!r} has no role and layer in the structure map, so no role "
+                "target can name it; score role targets only"
+            )
+        groups.setdefault((s.tower, s.role), []).append(s.layer)
+    out = []
+    for (tower, role), layers in groups.items():
+        prefix = f"{tower}/" if tower else ""
+        out.append(f"{prefix}{role}[{','.join(str(i) for i in sorted(set(layers)))}]")
+    return out

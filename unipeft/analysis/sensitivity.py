@@ -1,0 +1,227 @@
+"""Which projections deserve the trainable budget: per-site scores from a few calibration
+batches, and a placement of a method under a parameter budget.
+
+Every score is computed from the gradient a dense update ``ΔW`` would receive at the site
+if it were added at zero, ``G = ∂L/∂ΔW = Σ_tokens dYᵀ x`` (``out × in``, the site's rows of
+a fused projection only), one ``G_b`` per calibration batch and ``Ḡ`` their mean:
+
+- ``grad_norm = ‖Ḡ‖_F``: how fast the loss falls, to first order, along the best dense
+  update of unit norm at this site;
+- ``fisher = mean_b ‖G_b‖_F²``: the trace of the empirical Fisher information of a
+  zero-initialised dense delta at the site (batch gradients, not their mean: a site whose
+  batches pull in different directions still scores);
+- ``taylor = (Σ_{i≤r} σ_i(Ḡ)²)^½``: the first-order loss change that the best *rank-r*
+  update of unit norm at the site can make (the top ``r`` singular values of ``Ḡ``): what
+  a LoRA of rank ``r`` can reach there, to first order.
+
+No parameter of the model changes: the model is run with every parameter frozen and the
+gradients of the sites' outputs are read through hooks, which are removed afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..contract.errors import ConfigError
+from ..contract.sites import ModuleSite
+from ..runtime.registry import registry
+from ..runtime.targets import resolve_targets
+
+__all__ = ["SCORES", "SiteScore", "score_sites"]
+
+SCORES = ("taylor", "fisher", "grad_norm")
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """The scores of one site (see the module docstring for the formulas)."""
+
+    name: str
+    role: str | None
+    layer: int | None
+    tower: str | None
+    out_features: int
+    in_features: int
+    grad_norm: float
+    fisher: float
+    taylor: float
+    rank: int
+
+    def score(self, which: str) -> float:
+        if which not in SCORES:
+            raise ConfigError(f"score {which!r} is not one of {', '.join(SCORES)}")
+        return float(getattr(self, which))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DEFAULT_TARGETS = (
+    "attn.q?", "attn.k?", "attn.v?", "attn.out?", "mlp.gate?", "mlp.up?", "mlp.down?",
+)  # fmt: skip
+
+
+def score_sites(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    targets: Iterable[str] | None = None,
+    rank: int = 8,
+) -> list[SiteScore]:
+    """Score every projection site ``targets`` reach (default: the attention and MLP
+    projections the structure map names) on ``batches``: ``loss_fn(model, batch)`` returns
+    the scalar loss of one batch. Returns one :class:`SiteScore` per site, in the map's
+    order. Sites whose module output is not the projection's own output (an
+    ``nn.MultiheadAttention``'s fused input projection, a site read through an entry
+    module) cannot be hooked and are left out; :func:`unscorable` names them."""
+    if rank < 1:
+        raise ConfigError(f"rank={rank}: the rank of the update to score must be at least 1")
+    sites = _projection_sites(model, targets)
+    if not sites:
+        raise ConfigError(
+            f"no projection of {type(model).__name__} can be scored for targets "
+            f"{list(targets or DEFAULT_TARGETS)}; name attention or MLP roles, or module-name "
+            "regexes of nn.Linear layers"
+        )
+    sums: dict[str, Tensor] = {}
+    fisher: dict[str, float] = {s.name: 0.0 for s in sites}
+    n = 0
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    handles: list[Any] = []
+    current: dict[str, Tensor] = {}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        by_module: dict[int, list[ModuleSite]] = {}
+        for s in sites:
+            by_module.setdefault(id(s.module), []).append(s)
+        for group in by_module.values():
+            handles.append(group[0].module.register_forward_hook(_hook(group, current)))
+        for batch in batches:
+            current.clear()
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ConfigError("loss_fn(model, batch) must return the scalar loss tensor")
+            if not loss.requires_grad:
+                raise ConfigError(
+                    "the loss does not depend on any scored site's output: check that "
+                    "loss_fn runs the model passed to score_sites"
+                )
+            loss.backward()
+            for s in sites:
+                g = current.get(s.name)
+                if g is None:
+                    continue
+                fisher[s.name] += float(g.double().square().sum())
+                sums[s.name] = g if s.name not in sums else sums[s.name] + g
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("batches is empty: pass at least one calibration batch")
+    out = []
+    for s in sites:
+        total = sums.get(s.name)
+        if total is None:
+            continue  # the site never ran on these batches
+        mean = total / n
+        sv = torch.linalg.svdvals(mean.double())
+        assert s.weight is not None
+        out.append(
+            SiteScore(
+                name=s.name,
+                role=s.role,
+                layer=s.layer,
+                tower=s.tower,
+                out_features=mean.shape[0],
+                in_features=mean.shape[1],
+                grad_norm=float(sv.square().sum().sqrt()),
+                fisher=fisher[s.name] / n,
+                taylor=float(sv[:rank].square().sum().sqrt()),
+                rank=rank,
+            )
+        )
+    return out
+
+
+def unscorable(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
+    """The sites ``targets`` reach that :func:`score_sites` cannot hook."""
+    return [s.name for s in resolve_sites(model, targets) if not _hookable(s)]
+
+
+def resolve_sites(model: nn.Module, targets: Iterable[str] | None) -> list[Any]:
+    reg = registry()
+    wanted = list(targets) if targets is not None else list(DEFAULT_TARGETS)
+    _, sites, _ = resolve_targets(model, wanted, reg.sorted_maps(), reg.map_failed)
+    return sites
+
+
+def _hookable(site: Any) -> bool:
+    return (
+        isinstance(site, ModuleSite)
+        and site.is_projection
+        and site.entry is None
+        and site.host is None
+        and site.weight is not None
+        and not site.weight.kernel_size
+        and site.weight.layout in ("linear", "conv1d_t")
+    )
+
+
+def _projection_sites(model: nn.Module, targets: Iterable[str] | None) -> list[ModuleSite]:
+    return [s for s in resolve_sites(model, targets) if _hookable(s)]
+
+
+def _hook(group: list[ModuleSite], current: dict[str, Tensor]) -> Callable[..., None]:
+    """Keep the module's input; when the output's gradient arrives, add each site's
+    ``dYᵀ x`` (its rows of the output) to ``current``."""
+
+    def forward_hook(_module: nn.Module, args: tuple, output: Any) -> Any:
+        x = args[0] if args else None
+        y = output[0] if isinstance(output, tuple) else output
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            return None
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        new = y
+        if not y.requires_grad:  # nothing upstream needs gradients: make this a leaf
+            new = y.detach().requires_grad_(True)
+
+        def on_grad(dy: Tensor) -> None:
+            dy2 = dy.detach().reshape(-1, dy.shape[-1]).to(x2.dtype)
+            for s in group:
+                rows = dy2 if s.out_slice is None else dy2[:, s.out_slice[0] : s.out_slice[1]]
+                g = (rows.t() @ x2).float()
+                current[s.name] = g if s.name not in current else current[s.name] + g
+
+        new.register_hook(on_grad)
+        if new is y:
+            return None
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return new
+
+    return forward_hook
+
+
+def scores_table(scores: list[SiteScore]) -> list[Mapping[str, Any]]:
+    """Plain rows for printing or JSON, each site with its rank in every score."""
+    rows = [s.as_dict() for s in scores]
+    for which in SCORES:
+        order = sorted(range(len(scores)), key=lambda i: -scores[i].score(which))
+        for place, i in enumerate(order):
+            rows[i][f"{which}_rank"] = place + 1
+    return rows
