@@ -144,3 +144,35 @@ def test_adapter_spectra_of_a_lora() -> None:
         assert r["top_singular_values"][2:] == pytest.approx(
             [0.0] * (len(r["top_singular_values"]) - 2), abs=1e-6
         )
+
+
+def test_analyze_command_writes_scores_placement_and_heatmap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from unipeft.cli import app
+
+    rows = ["text,label"] + [
+        f"{'good fine' if i % 2 else 'bad poor'} film {i},{'pos' if i % 2 else 'neg'}"
+        for i in range(32)
+    ]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "run.yaml").write_text(
+        "model: tiny:bert\ndata: {path: train.csv}\nmethod: lora\nconfig: {r: 2}\n"
+        "budget: 2%\ntrainer: {steps: 5, batch_size: 8}\noutput_dir: out\n"
+    )
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["analyze", str(tmp_path / "run.yaml"), "--batches", "2", "--output", str(tmp_path / "a")],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert len(data["scores"]) == 12 and data["calibration"]["examples"] == 16
+    assert 0 < data["placement"]["fraction"] <= 0.02
+    assert (tmp_path / "a" / "heatmap-taylor.png").stat().st_size > 1000
+    assert "placement of lora" in res.output
+    assert not (tmp_path / "out").exists()  # analysis writes no run folder
+    bad = runner.invoke(app, ["analyze", str(tmp_path / "run.yaml"), "--score", "x"])
+    assert bad.exit_code == 2 and "score 'x' is not one of" in bad.output

@@ -91,10 +91,11 @@ def _root(
 
 def _register_commands(app: typer.Typer) -> None:
     """Import every command module and let it add its commands to ``app``."""
-    from . import _registry_cmds, bench, demo, train
+    from . import _registry_cmds, analyze, bench, demo, train
 
     _registry_cmds.register(app)
     train.register(app)
+    analyze.register(app)
     demo.register(app)
     bench.register(app)
 
