@@ -377,7 +377,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert in_state == set(self.configs), (
             f"the state dict holds adapters {sorted(in_state)}, expected {sorted(self.configs)}"
         )
-        out = self._run()
+        try:
+            out = self._run()
+        except ValueError as exc:
+            # prefix adapters active together may take more positions than the backbone's
+            # position table holds: a documented refusal that names the fix
+            if "position table" not in str(exc) or "give at most" not in str(exc):
+                raise
+            assert self._fingerprint() == (
+                tuple(m.adapters),
+                m.active_adapters,
+                tuple(m.merged_adapters),
+                m.training,
+            )
+            return
         if not self.active:
             equal(out, self.base, "output with no adapter active vs base")
             return
