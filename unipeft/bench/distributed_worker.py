@@ -117,7 +117,7 @@ def _seed_factor(path: str, weight: Tensor, seed: int) -> None:
 def add_lora(spec: RunSpec, base: nn.Module) -> nn.Module:
     """LoRA (r, alpha, no dropout) on every linear projection of the decoder layers, adapters
     in the base's dtype, ``A`` seeded per layer and ``B`` at zero in both libraries."""
-    if spec.library == LIBRARIES[0]:
+    if spec.library == "unipeft":
         import unipeft
 
         model = unipeft.apply(
@@ -142,7 +142,7 @@ def add_lora(spec: RunSpec, base: nn.Module) -> nn.Module:
 
 def decoder_layers(spec: RunSpec, model: nn.Module) -> nn.ModuleList:
     """The repeated blocks (``model.layers`` of the LlamaForCausalLM) under either wrapper."""
-    inner = model.base_model if spec.library == LIBRARIES[0] else model.base_model.model
+    inner = model.base_model if spec.library == "unipeft" else model.base_model.model
     return inner.model.layers
 
 
@@ -162,7 +162,7 @@ def wrap(spec: RunSpec, model: nn.Module, ctx: Context) -> tuple[nn.Module, str]
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    if spec.library == LIBRARIES[0]:
+    if spec.library == "unipeft":
         from unipeft.distributed import shard
 
         shard(model, mesh=mesh)  # fully_shard on each block, then on the DeltaModel

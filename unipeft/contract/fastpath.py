@@ -62,3 +62,34 @@ class FastPath(Protocol):
         the site keeps across calls (e.g. for stacked weights). ``None`` runs each delta on
         its own samples instead."""
         ...
+
+
+class FastPathParts:
+    """A mixin implementing :class:`FastPath` as a whole with every member declining (or,
+    for ``update_``, just calling the delta). A delta class with one or two fused calls
+    inherits it and overrides only those: ``class MyDelta(ReparameterizedDelta,
+    FastPathParts)`` with its own ``fused_linear``."""
+
+    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
+        return self(x, y)  # type: ignore[operator]
+
+    def fused_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
+    ) -> Tensor | None:
+        return None
+
+    @staticmethod
+    def update_slices(
+        deltas: list[Any], slices: list[tuple[int, int]], x: Tensor, y: Tensor
+    ) -> Tensor | None:
+        return None
+
+    @staticmethod
+    def link(attachments: list[Any]) -> None:
+        return None
+
+    @staticmethod
+    def mixed(
+        deltas: list[Any], x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
+    ) -> Tensor | None:
+        return None

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ...contract.config import DeltaConfig
 from ...contract.deltas import ProjectionShape, ReparameterizedDelta
+from ...contract.fastpath import FastPathParts
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, Site
 from .oft import block_dropout, cayley, divisors, input_width, rotate_blocks, rotation_refusal
@@ -125,7 +126,7 @@ def butterfly_permutation(width: int, block_size: int, factor: int) -> Tensor:
     return (torch.arange(0, width, group)[:, None] + within).reshape(-1)
 
 
-class BoftDelta(ReparameterizedDelta):
+class BoftDelta(ReparameterizedDelta, FastPathParts):
     """``b + s ⊙ (y - b + W (M - I)ᵀ x)`` with ``M`` the butterfly product of orthogonal
     block-diagonal factors (``s ⊙ W Mᵀ`` on a conv).
 
@@ -235,9 +236,6 @@ class BoftDelta(ReparameterizedDelta):
 
     # ------------------------------------------------------------------ FastPath
 
-    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
-        return self(x, y)
-
     def fused_linear(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
     ) -> Tensor | None:
@@ -248,22 +246,6 @@ class BoftDelta(ReparameterizedDelta):
         z = F.linear(self.butterfly(x, r), weight.t() if transposed else weight)
         s = self.scale.to(z.dtype)
         return z * s if bias is None else torch.addcmul(bias.to(z.dtype), z, s)
-
-    @staticmethod
-    def update_slices(
-        deltas: list, slices: list[tuple[int, int]], x: Tensor, y: Tensor
-    ) -> Tensor | None:
-        return None
-
-    @staticmethod
-    def link(attachments: list) -> None:
-        return None
-
-    @staticmethod
-    def mixed(
-        deltas: list, x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
-    ) -> Tensor | None:
-        return None
 
 
 # ------------------------------------------------------------------ the method record

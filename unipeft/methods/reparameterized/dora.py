@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ...blocks import LowRankConfig, LowRankDelta, low_rank_parameters, low_rank_refusal
 from ...blocks.fused import dora_linear
 from ...contract.deltas import ProjectionShape
+from ...contract.fastpath import FastPathParts
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, Site, weight_codec
 from . import dora_mixed
@@ -46,7 +47,7 @@ class DoraConfig(LowRankConfig):
     )
 
 
-class DoraDelta(LowRankDelta):
+class DoraDelta(LowRankDelta, FastPathParts):
     """``g ⊙ (y - b + s · B A dropout(x)) + b`` with ``g = m / ‖W + s·B A‖`` (detached norm).
 
     ``A``: ``(r, in, *kernel)``, ``B``: ``(out, r)``, ``magnitude``: ``(out,)``. The base
@@ -187,9 +188,6 @@ class DoraDelta(LowRankDelta):
     # A single DoRA on a Linear runs as one fused node (:meth:`fused_linear`); mixed batches
     # have their own kernels (:mod:`.dora_mixed`); the other hooks run the plain forward.
 
-    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
-        return self(x, y)
-
     def fused_linear(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
     ) -> Tensor | None:
@@ -214,16 +212,6 @@ class DoraDelta(LowRankDelta):
         if bias is not None:
             y.add_(bias.to(y.dtype))
         return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def update_slices(
-        deltas: list, slices: list[tuple[int, int]], x: Tensor, y: Tensor
-    ) -> Tensor | None:
-        return None
-
-    @staticmethod
-    def link(attachments: list) -> None:
-        return None
 
     @staticmethod
     def mixed(

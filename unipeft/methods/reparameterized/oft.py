@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from ...contract.config import DeltaConfig
 from ...contract.deltas import ProjectionShape, ReparameterizedDelta
+from ...contract.fastpath import FastPathParts
 from ...contract.method import Method
 from ...contract.sites import ModuleSite, Site
 
@@ -252,7 +253,7 @@ def rotation_refusal(site: Site, method: str) -> str | None:
 # ------------------------------------------------------------------ the delta
 
 
-class OftDelta(ReparameterizedDelta):
+class OftDelta(ReparameterizedDelta, FastPathParts):
     """``y + W (R - I)ᵀ x`` with ``R`` block-diagonal orthogonal (``W Rᵀ`` on a conv).
 
     ``skew``: ``(n or 1, b (b - 1) / 2)``, the upper triangles of the skew blocks (PEFT's
@@ -346,9 +347,6 @@ class OftDelta(ReparameterizedDelta):
 
     # ------------------------------------------------------------------ FastPath
 
-    def update_(self, x: Tensor | None, y: Tensor) -> Tensor:
-        return self(x, y)
-
     def fused_linear(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool
     ) -> Tensor | None:
@@ -358,22 +356,6 @@ class OftDelta(ReparameterizedDelta):
             return None
         r = self.blocks(drop=self.training).to(x.dtype)
         return F.linear(rotate_blocks(x, r), weight.t() if transposed else weight, bias)
-
-    @staticmethod
-    def update_slices(
-        deltas: list, slices: list[tuple[int, int]], x: Tensor, y: Tensor
-    ) -> Tensor | None:
-        return None
-
-    @staticmethod
-    def link(attachments: list) -> None:
-        return None
-
-    @staticmethod
-    def mixed(
-        deltas: list, x: Tensor | None, y: Tensor, slots: Tensor, cache: dict
-    ) -> Tensor | None:
-        return None
 
 
 # ------------------------------------------------------------------ the method record
