@@ -23,6 +23,11 @@ from unipeft.testing.backbones import BACKBONES, TinyBackbone
 
 NO_EXCLUSIONS: Mapping[str, str] = {}
 
+TRANSFORMERS = ("text", "vit", "clip", "video")
+"""The families of transformer backbones, whose blocks have attention and MLP projections
+(``attn.q`` ... ``mlp.down``); the others (``convnet``, ``recurrent``, ``ssm``, ``graph``)
+have roles of their own (docs/backbones.md)."""
+
 ENCODERS: Mapping[str, str] = {
     "bert": "an encoder: no causal language-model head, nothing to generate with",
 }
@@ -44,12 +49,13 @@ def _wanted(value: str, allowed: str | Collection[str] | None) -> bool:
 
 def backbones(
     *,
-    family: str | Collection[str] | None = None,
+    family: str | Collection[str] | None = TRANSFORMERS,
     where: Callable[[TinyBackbone], bool] | None = None,
     exclude: Mapping[str, str] = NO_EXCLUSIONS,
 ) -> list[str]:
-    """Names of the tiny backbones of ``family`` ("text", "vit", "clip"; one or several)
-    for which ``where`` holds, less ``exclude``, in registry order."""
+    """Names of the tiny backbones of ``family`` ("text", "vit", "clip"; one or several;
+    the transformer families unless told, ``None`` for every family) for which ``where``
+    holds, less ``exclude``, in registry order."""
     _check_reasons(exclude)
     return [
         name

@@ -30,10 +30,11 @@ from .runtime.attaching import link as _link
 from .runtime.attaching import load_state as _load_state
 from .runtime.hosts import HostTable
 from .runtime.ledger import MergeLedger, sync_residuals
+from .runtime.norms import FrozenNormStatistics
 from .runtime.registry import Registry, registry
 from .runtime.shared import BackwardTrigger, backward_trigger
 from .runtime.state import AdapterState, Attachment, Routing
-from .runtime.targets import resolve_targets
+from .runtime.targets import method_targets, resolve_targets
 
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -72,7 +73,7 @@ def site_key(site: Site) -> str:
     return site.name.replace(".", "__")
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(FrozenNormStatistics, nn.Module):
     """A backbone with unipeft adapters. Call and use it exactly like the backbone.
 
     Attributes the handle does not define are looked up on the backbone (``encode_image``,
@@ -219,10 +220,9 @@ class DeltaModel(nn.Module):
         spec = self._registry.method(checks.require_method_id(method))
         asked = checks.target_list(targets)
         cfg = spec.config.parse(spec.id, config)
-        target_list = spec.targets_for(cfg) if asked is None else asked
-        smap, sites, optional = resolve_targets(
-            self.base_model, target_list, self._registry.sorted_maps(), self._registry.map_failed
-        )
+        maps, failed = self._registry.sorted_maps(), self._registry.map_failed
+        target_list = method_targets(self.base_model, spec, cfg, asked, maps, failed)
+        smap, sites, optional = resolve_targets(self.base_model, target_list, maps, failed)
         # sites a role pattern reached only by the way (optional) are dropped if refused
         kept = [s for s in sites if s.name not in optional or spec.refusal(cfg, s) is None]
         checks.all_refused(spec, cfg, sites, kept, target_list, self.base_model)

@@ -32,11 +32,43 @@ ROLES: tuple[str, ...] = (
     "mlp",
     "tokens",
     "layer_tokens",
+    # convolutional networks
+    "stem",
+    "conv.in",
+    "conv.mid",
+    "conv.out",
+    "downsample",
+    "stage",
+    "head",
+    # recurrent networks
+    "rnn.ih",
+    "rnn.hh",
+    # state-space models
+    "ssm.in",
+    "ssm.x",
+    "ssm.dt",
+    "ssm.out",
+    "ssm.conv",
+    "mixer",
+    # graph networks
+    "gnn.lin",
+    "gnn.mlp",
 )
 """The semantic roles a structure map can expose. ``attn`` and ``mlp`` are whole sublayers
 (input to output, before the residual sum); ``tokens`` is the token sequence of a whole
 stack; ``layer_tokens`` is the token sequence of one block (soft tokens inserted at the
-block's input and dropped from its output, for deep prompts such as VPT-Deep)."""
+block's input and dropped from its output, for deep prompts such as VPT-Deep).
+
+Beyond transformers (docs/backbones.md): ``stem`` (a ConvNet's first convolution),
+``conv.in`` / ``conv.mid`` / ``conv.out`` (the convolutions of a residual block in order:
+a bottleneck's 1x1 reduction, its spatial convolution, its 1x1 expansion), ``downsample``
+(the shortcut projection of a block that changes resolution or width), ``stage`` (a whole
+stage of blocks, input to output), ``head`` (the classifier); ``rnn.ih`` / ``rnn.hh`` (the
+input and recurrent weights of one layer and direction of an ``nn.LSTM`` / ``nn.GRU``);
+``ssm.in`` / ``ssm.x`` / ``ssm.dt`` / ``ssm.out`` / ``ssm.conv`` (a Mamba mixer's
+projections and its depthwise convolution) and ``mixer`` (the whole mixer sublayer);
+``gnn.lin`` (a graph convolution's node projection) and ``gnn.mlp`` (the projections of a
+GIN layer's MLP)."""
 
 _SLICE_NAMES = {3: ("q", "k", "v")}
 _SUBLAYER_OUTPUT = {"attn": "attn.out", "mlp": "mlp.down"}
@@ -44,7 +76,16 @@ _SUBLAYER_OUTPUT = {"attn": "attn.out", "mlp": "mlp.down"}
 
 @runtime_checkable
 class StructureMap(Protocol):
-    """What ``register_backbones`` accepts."""
+    """What ``register_backbones`` accepts.
+
+    A map may also carry ``default_targets``, a mapping from a method id, a method family or
+    a site kind (``"projection"``, ``"module"``, ``"sequence"``) to targets: what a method
+    attaches to on this map's backbones when its own default targets (written for
+    transformer blocks) reach nothing there. The first key that matches, in that order,
+    wins; ``None`` there says the map has no default of its own for that method (its own
+    default targets apply, and reaching nothing is an error naming the roles there).
+    Targets a user passes are never replaced.
+    """
 
     name: str
     priority: int
@@ -122,7 +163,24 @@ def weight_ref(module: nn.Module) -> WeightRef | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D
         w = module.weight
         return WeightRef("conv1d_t", "weight", "bias", w.shape[0], w.shape[1])
+    if is_pyg_linear(module):  # weight (out, in) as nn.Linear; lazy ones have no shape yet
+        w = module.weight
+        if isinstance(w, nn.parameter.UninitializedParameter) or w.dim() != 2:
+            return None
+        return WeightRef("linear", "weight", "bias", w.shape[1], w.shape[0])
     return None
+
+
+def is_pyg_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is PyTorch Geometric's ``Linear`` (its graph layers' projection, an
+    ``nn.Module`` computing ``F.linear``), told by class without importing the library."""
+    cls = type(module)
+    return (
+        cls.__name__ == "Linear"
+        and cls.__module__.startswith("torch_geometric.")
+        and hasattr(module, "in_channels")
+        and hasattr(module, "out_channels")
+    )
 
 
 def output_features(module: nn.Module) -> int:

@@ -102,6 +102,12 @@ class Method:
 
     def refusal(self, config: DeltaConfig, site: Site) -> str | None:
         """Why this method cannot attach at ``site`` (None if it can)."""
+        only = getattr(site, "merged_form_only", None)
+        if only and not self.mergeable:
+            return (
+                f"site {site.name!r} is {only}: only methods with a merged-weight form "
+                f"apply there; {self.id!r} has none"
+            )
         kinds = site_kinds_of(site)
         if not set(kinds) & set(self.site_kinds):
             want = " or ".join(self.site_kinds)

@@ -130,6 +130,11 @@ class ModuleSite:
     this site's module is called as a module (its ``out_proj``) or so that the fused input
     projection can be adapted per slice."""
     host: nn.Module | None = field(default=None, repr=False)
+    merged_form_only: str | None = None
+    """Set where the module reads the weight inside one fused kernel and no delta can act
+    on the projection's output (an ``nn.LSTM``'s packed recurrent weights): deltas run there
+    only as the weights they produce, so only methods with a merged-weight form apply. The
+    text says what the site is, for refusals (``"a recurrent weight of nn.LSTM"``)."""
 
     kind = "module"
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..contract.errors import ConfigError
 from ..runtime.checks import require_method_id, require_module, target_list
 from ..runtime.registry import registry
-from ..runtime.targets import resolve_targets
+from ..runtime.targets import method_targets, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def plan_budget(
     total = sum(p.numel() for p in backbone.parameters())
     cfg = spec.config.parse(spec.id, fixed)
     asked = target_list(targets)
-    wanted = asked if asked is not None else spec.targets_for(cfg)
     reg = registry()
+    wanted = method_targets(backbone, spec, cfg, asked, reg.sorted_maps(), reg.map_failed)
     _, sites, optional = resolve_targets(backbone, wanted, reg.sorted_maps(), reg.map_failed)
     field = spec.budget_field
 

@@ -104,11 +104,14 @@ def fusion_sites(spec: Fuse, adapters: Mapping[str, Any]) -> dict[str, ModuleSit
     """The sites a fusion has a layer at: one per distinct output (module and slice) that
     any of its adapters adapts, named after the first such site in the order of the Fuse's
     adapters (the order :func:`run_composed` looks them up in)."""
-    out: dict[tuple[int, Any], ModuleSite] = {}
+    out: dict[tuple[int, Any, Any], ModuleSite] = {}
     for leaf in spec.leaves():
         for site in adapters[leaf].sites:
             if isinstance(site, ModuleSite):
-                out.setdefault((id(site.module), site.out_slice), site)
+                # a module may hold several weights that are sites (nn.LSTM's packed ones)
+                weight = site.weight.weight_name if site.weight is not None else "weight"
+                weight = None if weight == "weight" else weight
+                out.setdefault((id(site.module), weight, site.out_slice), site)
     return {s.name: s for s in out.values()}
 
 

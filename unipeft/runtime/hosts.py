@@ -23,6 +23,7 @@ from ..contract.sites import ModuleSite, SequenceSite
 from .attention_host import AttentionHost, attention_of
 from .mha_host import MHAHost
 from .module_host import ModuleHost
+from .rnn_host import RNNHost
 from .sequence_host import SequenceHost
 from .state import AdapterState, Attachment
 
@@ -33,6 +34,7 @@ __all__ = [
     "HostTable",
     "MHAHost",
     "ModuleHost",
+    "RNNHost",
     "SequenceHost",
 ]
 
@@ -50,7 +52,7 @@ class HostKind(Protocol):
     def create(cls, site: Any, state: AdapterState) -> Any: ...
 
 
-HOST_KINDS: tuple[type, ...] = (SequenceHost, MHAHost, ModuleHost)
+HOST_KINDS: tuple[type, ...] = (SequenceHost, MHAHost, RNNHost, ModuleHost)
 """Host kinds in the order they are asked; :class:`ModuleHost` takes any module site."""
 
 

@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -230,12 +231,68 @@ def resolve_targets(
     return smap, list(chosen.values()), optional_only
 
 
+def method_targets(
+    model: nn.Module,
+    method: Any,
+    config: Any,
+    asked: list[str] | None,
+    maps: Sequence[StructureMap],
+    on_failure: MapFailure | None = None,
+) -> list[str]:
+    """The targets ``method`` attaches to on ``model``: ``asked`` when given, else the
+    method's default targets, unless they reach no site it accepts there and the backbone's
+    structure map names defaults of its own for the method (``default_targets``, keyed by
+    method id, family or site kind; see :class:`~unipeft.contract.maps.StructureMap`)."""
+    if asked is not None:
+        return asked
+    own = list(method.targets_for(config))
+    smap, _ = _pick(model, maps, on_failure)
+    fallback = getattr(smap, "default_targets", None)
+    if not fallback:
+        return own
+    if _reaches(model, own, method, config, maps, on_failure, any_site=True):
+        return own
+    for key in (method.id, method.family, *method.site_kinds):
+        if key in fallback:  # None: no default of the map's own for this method
+            theirs = fallback[key]
+            # the map's targets when they reach sites (a refusal there names the site kind)
+            if theirs is None or not _reaches(
+                model, theirs, method, config, maps, on_failure, any_site=True
+            ):
+                return own
+            return list(theirs)
+    return own
+
+
+def _reaches(
+    model: nn.Module,
+    targets: Sequence[str],
+    method: Any,
+    config: Any,
+    maps: Sequence[StructureMap],
+    on_failure: MapFailure | None,
+    any_site: bool = False,
+) -> bool:
+    """Whether ``targets`` reach a site ``method`` accepts (``any_site``: or any site
+    through a required target, which the method's refusal then reports)."""
+    try:
+        _, reached, optional = resolve_targets(model, targets, maps, on_failure)
+    except TargetError:
+        return False
+    return any(
+        (any_site and s.name not in optional) or method.refusal(config, s) is None for s in reached
+    )
+
+
 def _physical_key(site: Site) -> tuple:
     entry = getattr(site, "entry", None)
     module = getattr(site, "module", None) or getattr(site, "insert", None)
+    # one module may hold several weights that are sites of their own (nn.LSTM's packed ones)
+    weight = getattr(getattr(site, "weight", None), "weight_name", "weight")
     return (
         site.kind,
         id(module),
+        None if weight == "weight" else weight,
         getattr(site, "out_slice", None),
         id(entry) if entry else None,
         site.name if site.kind == "sequence" else None,

@@ -17,6 +17,7 @@ from ..contract.config import DeltaConfig
 from ..contract.deltas import DeltaModule
 from ..contract.method import Method
 from ..model import DeltaModel
+from ..runtime.norms import norms_with_statistics
 from ._common import add_same, apply_method, close, equal, outputs, perturb, state
 from .backbones import TinyBackbone
 from .fresh import FreshInterpreterError, fresh_outputs
@@ -113,6 +114,8 @@ def _with_dropout(method: Method, cfg: DeltaConfig) -> DeltaConfig:
 
 def _train_reference(bb: TinyBackbone) -> Tensor:
     model = bb.make().requires_grad_(False).train()
+    for norm in norms_with_statistics(model):  # as DeltaModel.train() leaves them
+        norm.eval()
     return bb.run(model, bb.sample(0)).detach()
 
 

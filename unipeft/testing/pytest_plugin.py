@@ -97,6 +97,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated names of registered tiny backbones to run the suite on "
         "(default: all of them)",
     )
+    parser.addini(
+        "unipeft_slow_families",
+        type="linelist",
+        default=[],
+        help="tiny-backbone families whose conformance cases are marked slow when "
+        "--unipeft-backbones does not name backbones (a project's quick default run)",
+    )
     group.addoption(
         "--unipeft-profile",
         default=None,
@@ -202,4 +209,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         _check_methods(wanted)
         methods = [m for m in methods if m.id in wanted]
     cases = [ConformanceCase(m, bb) for m in methods for bb in _backbones(config)]
-    metafunc.parametrize("conformance_case", cases, ids=[c.id for c in cases])
+    slow = set() if config.getoption("--unipeft-backbones") else set(_slow_families(config))
+    params = [
+        pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.backbone.family in slow else [])
+        for c in cases
+    ]
+    metafunc.parametrize("conformance_case", params)
+
+
+def _slow_families(config: pytest.Config) -> list[str]:
+    return [f for line in config.getini("unipeft_slow_families") for f in line.split()]

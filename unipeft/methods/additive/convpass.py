@@ -127,9 +127,14 @@ class ConvpassDelta(AdditiveDelta):
         return quick_gelu(t) if self.activation == "quick_gelu" else F.gelu(t)
 
     def transform(self, h: Tensor) -> Tensor:
+        if h.ndim == 4:  # a ConvNet's channels-last feature map (batch, height, width, channels)
+            z = self.act(self.down(h))
+            z = self.conv(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self.up(self.dropout(self.act(z)))
         if h.ndim != 3:
             raise ValueError(
-                f"convpass expects tokens (batch, length, channels), got shape {tuple(h.shape)}"
+                "convpass expects tokens (batch, length, channels) or a channels-last feature "
+                f"map (batch, height, width, channels), got shape {tuple(h.shape)}"
             )
         n, length, _ = h.shape
         p, g = square_grid(length, self.max_prefix_tokens)
@@ -156,6 +161,11 @@ def _accepts(cfg: ConvpassConfig, site: Site) -> str | None:
         )
     owner = _owner(site)
     where = f"{type(owner).__module__}.{type(owner).__name__}"
+    if site.channel_dim != -1:
+        return (
+            f"{site.name!r} puts out a channels-first feature map; Convpass's projections "
+            "read channels last (tokens, or a ConvNeXt MLP with linear layers)"
+        )
     if site.tower == "text":
         return (
             f"{site.name!r} is in a text tower: its tokens have no 2-D patch grid for "
