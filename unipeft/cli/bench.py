@@ -537,3 +537,8 @@ def _check_out(out: Path | None, option: str = "--out") -> None:
     if out.is_dir():
         raise fail(f"{option} {out} is a folder; give the JSON file's name")
     check_writable(out.parent if str(out.parent) else Path("."))
+
+
+from .bench_robustness import register as _register_robustness  # noqa: E402
+
+_register_robustness(bench_app)  # `unipeft bench robustness`
