@@ -49,7 +49,9 @@ def test_results_schema(quick_run: tuple[Path, list[dict[str, Any]]]) -> None:
         assert row["seed"] == 0 and row["validation"] == {}  # one seed, stored choices
         assert zero_shot or row["hyperparameters"]["lr"] > 0
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    assert len(tasks) == 4 and tasks[0].startswith("text") and tasks[3] == CLIP_TASK
+    assert len(tasks) == 5 and tasks[0].startswith("text") and tasks[4] == CLIP_TASK
+    convnet = {r["method"] for r in rows if r["task"] == "vision: digits 0-4 -> 5-9 / timm ResNet"}
+    assert {"full fine-tuning", "linear probe", "lora", "dora", "ssf", "bitfit"} <= convnet
     assert {r["family"] for r in rows if r["task"] == tasks[0]} == FAMILIES
     full = [r for r in rows if r["family"] == "full"]
     assert full and all(r["trainable_fraction"] == 1.0 for r in full)

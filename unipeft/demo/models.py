@@ -30,6 +30,7 @@ __all__ = [
     "load_minilm",
     "minilm_path",
     "small_clip_image_tower",
+    "small_timm_resnet",
     "small_timm_vit",
 ]
 
@@ -95,6 +96,16 @@ def small_timm_vit(
         depth=depth,
         num_heads=heads,
         num_classes=0,
+    )
+
+
+def small_timm_resnet(*, widths: tuple[int, ...] = (16, 32, 48, 64)) -> nn.Module:
+    """A small timm ``ResNet`` of basic blocks, one per stage (random init), returning its
+    globally pooled features (``widths[-1]`` of them)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(
+        block=BasicBlock, layers=(1, 1, 1, 1), channels=widths, stem_width=16, num_classes=0
     )
 
 
