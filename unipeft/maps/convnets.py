@@ -268,9 +268,9 @@ def _tiny_resnet() -> nn.Module:
 def _tiny_convnext() -> nn.Module:
     from timm.models.convnext import ConvNeXt
 
-    # layer scale starts at 1 (timm's 1e-6 would mute every block of a random model)
+    # layer scale at 0.1, near a trained ConvNeXt's (timm's 1e-6 would mute every block)
     return ConvNeXt(
-        depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3, patch_size=2, ls_init_value=1.0
+        depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3, patch_size=2, ls_init_value=0.1
     )
 
 
@@ -280,7 +280,8 @@ def _images(gen: torch.Generator) -> dict[str, Any]:
 
 def _features_and_logits(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
     features = model.forward_features(inputs["pixels"])
-    return [features, model.forward_head(features)]
+    # the pooled features (ConvNeXt: normalised), as a classifier reads them, and the logits
+    return [model.forward_head(features, pre_logits=True), model.forward_head(features)]
 
 
 CONVNET_TINY = (

@@ -119,7 +119,11 @@ class OftConfig(DeltaConfig):
         "Cayley transform (a solve)",
     )
     num_cayley_neumann_terms: int = Field(
-        5, ge=1, le=64, description="terms of the Cayley-Neumann series"
+        5,
+        ge=2,
+        le=64,
+        description="terms of the Cayley-Neumann series (at least 2: one term is the "
+        "identity, whatever the parameters, so nothing would train)",
     )
 
     @model_validator(mode="before")
