@@ -60,13 +60,14 @@ CHOSEN: dict[str, dict[str, float]] = {
         "moe_lora": 1e-2,  # 0.9360 / 0.9600 / 0.9760 at 2.5e-3 / 5e-3 / 1e-2
     },
     _RESNET: {
-        "full fine-tuning": 2e-3,  # 0.9760 / 0.9760 / 0.9840 at 5e-4 / 1e-3 / 2e-3
-        "linear probe": 3e-2,  # 0.9120 / 0.9360 / 0.9280 at 1.5e-2 / 3e-2 / 6e-2
-        "lora": 5e-3,  # 1.0000 / 1.0000 / 0.9840 at 5e-3 / 1e-2 / 2e-2
-        "dora": 5e-3,  # 1.0000 / 1.0000 / 0.9840 at 5e-3 / 1e-2 / 2e-2
-        "bottleneck_adapter": 5e-3,  # 0.9680 / 0.9600 / 0.9680 at 5e-3 / 1e-2 / 2e-2
-        "ssf": 2e-2,  # 0.8320 / 0.9280 / 0.9760 at 5e-3 / 1e-2 / 2e-2
-        "bitfit": 4e-2,  # 0.8800 / 0.9040 / 0.9360 at 1e-2 / 2e-2 / 4e-2
+        "full fine-tuning": 2e-3,  # 0.9680 / 0.9760 / 0.9840 at 5e-4 / 1e-3 / 2e-3
+        "linear probe": 3e-2,  # 0.8480 / 0.8800 / 0.8720 at 1.5e-2 / 3e-2 / 6e-2
+        "lora": 1e-2,  # 0.9920 / 1.0000 / 0.9920 at 5e-3 / 1e-2 / 2e-2
+        "dora": 1e-2,  # 0.9920 / 1.0000 / 1.0000 at 5e-3 / 1e-2 / 2e-2
+        "bottleneck_adapter": 2e-2,  # 0.9600 / 0.9840 / 1.0000 at 5e-3 / 1e-2 / 2e-2
+        "ssf": 2e-2,  # 0.9280 / 0.9520 / 0.9680 at 5e-3 / 1e-2 / 2e-2
+        "bitfit": 4e-2,  # 0.8960 / 0.9360 / 0.9440 at 1e-2 / 2e-2 / 4e-2
+        "visual_prompt": 1e-1,  # 0.9280 / 0.9280 / 0.9520 at 2.5e-2 / 5e-2 / 1e-1
     },
     _CLIP: {  # base accuracy on the 40 held-out base shots (the novel classes play no part)
         "linear probe": 2e-2,  # 0.875 / 0.875 / 0.900 at 5e-3 / 1e-2 / 2e-2

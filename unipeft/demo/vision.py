@@ -45,8 +45,9 @@ def recipes(quick: bool, kind: str = "timm") -> list[Recipe]:
 
 
 def _convnet_recipes(e: int) -> list[Recipe]:
-    """The ConvNet's rows: the methods that apply to convolutions, stages and batch norms
-    (prompts need tokens, and UniPELT's and MoE-LoRA's routers read channels last)."""
+    """The ConvNet's rows: the methods that apply to convolutions, stages and batch norms,
+    and a visual prompt at the stem (token prompts need tokens, and UniPELT's and
+    MoE-LoRA's routers read channels last)."""
     return [
         Recipe("full fine-tuning", "full", lr=1e-3, head_lr=5e-3, epochs=e),
         Recipe("linear probe", "probe", lr=3e-2, epochs=5 * e),
@@ -55,6 +56,14 @@ def _convnet_recipes(e: int) -> list[Recipe]:
         Recipe("bottleneck_adapter", "additive", "bottleneck_adapter", lr=1e-2, epochs=e),
         Recipe("ssf", "additive", "ssf", lr=1e-2, epochs=e),
         Recipe("bitfit", "selective", "bitfit", lr=2e-2, epochs=e),
+        Recipe(
+            "visual_prompt",
+            "additive",
+            "visual_prompt",
+            {"padding": 4, "resolution": 32},  # the paper's 30 of 224, on 32-pixel digits
+            lr=5e-2,
+            epochs=e,
+        ),
     ]
 
 
