@@ -26,7 +26,7 @@ from torch.nn.functional import cross_entropy
 import unipeft
 from unipeft.analysis import place, score_sites
 from unipeft.demo import TEXT_BUDGET
-from unipeft.demo.runner import run_recipe
+from unipeft.demo.runner import run_recipes
 from unipeft.demo.text import build_task, recipes
 from unipeft.demo.train import set_determinism
 
@@ -38,9 +38,20 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=8, help="calibration batches")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda")
+    ap.add_argument("--score", default="taylor", choices=("taylor", "fisher", "grad_norm"))
+    ap.add_argument(
+        "--select",
+        action="store_true",
+        help="choose each placement's learning rate on the validation split carved from the "
+        "training words (the demo's grid), instead of the rate chosen for q, v",
+    )
+    ap.add_argument(
+        "--auto-only", action="store_true", help="skip the default rows (same seeds: same rows)"
+    )
     args = ap.parse_args()
     lora = next(r for r in recipes(args.quick) if r.name == "lora")
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     rows = []
     for seed in args.seeds:
         set_determinism(seed, threads=torch.get_num_threads())
@@ -56,16 +67,17 @@ def main() -> None:
             clf.encoder, calib, lambda _e, b, clf=clf: cross_entropy(clf(**b[0]), b[1]), rank=r,
             targets=["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
         )  # fmt: skip
-        placement = place(clf.encoder, scores, "lora", args.budget, r=r)
+        placement = place(clf.encoder, scores, "lora", args.budget, score=args.score, r=r)
         scoring_s = time.perf_counter() - began
-        for name, recipe in (
+        runs = [
             ("default (q, v)", replace(lora, name="lora default", targets=None, config={"r": r})),
             (
                 "automatic",
                 replace(lora, name="lora auto", targets=placement.targets, config={"r": r}),
             ),
-        ):
-            row = run_recipe(task, recipe, seed, device, args.budget)
+        ]
+        for name, recipe in runs[1:] if args.auto_only else runs:
+            row = run_recipes(task, [recipe], seed, device, args.budget, print, args.select)[0]
             rows.append(
                 {
                     "seed": seed,
@@ -74,6 +86,8 @@ def main() -> None:
                     "r": r,
                     "trainable_fraction": row.trainable_fraction,
                     "accuracy": row.accuracy,
+                    "lr": row.hyperparameters.get("lr"),
+                    "validation": row.validation,
                     "train_seconds": row.train_seconds,
                 }
             )
@@ -82,6 +96,8 @@ def main() -> None:
     summary = {}
     for name in ("default (q, v)", "automatic"):
         acc = [r["accuracy"] for r in rows if r["placement"] == name]
+        if not acc:
+            continue
         summary[name] = {
             "mean": statistics.mean(acc),
             "stdev": statistics.stdev(acc) if len(acc) > 1 else 0.0,
@@ -93,7 +109,8 @@ def main() -> None:
         "budget": args.budget,
         "quick": args.quick,
         "calibration_batches": args.calibration,
-        "score": "taylor",
+        "score": args.score,
+        "select": args.select,
         "recipe": {"lr": lora.lr, "epochs": lora.epochs},
         "threads": torch.get_num_threads(),
         "rows": rows,
