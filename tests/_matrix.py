@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from functools import cache
+from typing import Any
 
 import unipeft
 from unipeft.maps import ROLES
@@ -99,6 +100,16 @@ def methods(
 def sites(name: str) -> tuple:
     """Every site of the tiny backbone ``name`` (:func:`unipeft.inspect_sites`)."""
     return tuple(unipeft.inspect_sites(BACKBONES[name].make()))
+
+
+def role_sites(model: Any) -> dict[str, list[str]]:
+    """The names of ``model``'s sites by role, in the map's order (any model, not only a
+    registered tiny backbone)."""
+    out: dict[str, list[str]] = {}
+    for site in unipeft.inspect_sites(model):
+        if site.role:
+            out.setdefault(site.role, []).append(site.name)
+    return out
 
 
 def roles(name: str) -> set[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _matrix import role_sites
 from torch import nn
 
 import unipeft
@@ -17,17 +18,9 @@ from unipeft.testing.backbones import BACKBONES
 RESNET, CONVNEXT = BACKBONES["resnet"], BACKBONES["convnext"]
 
 
-def _roles(model: nn.Module) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for site in unipeft.inspect_sites(model):
-        if site.role:
-            out.setdefault(site.role, []).append(site.name)
-    return out
-
-
 def test_resnet18_roles_follow_its_basic_blocks() -> None:
     model = timm.create_model("resnet18", pretrained=False, num_classes=4)
-    roles = _roles(model)
+    roles = role_sites(model)
     assert roles["stem"] == ["conv1"]
     assert roles["head"] == ["fc"]
     assert roles["stage"] == ["layer1", "layer2", "layer3", "layer4"]
@@ -43,11 +36,11 @@ def test_resnet18_roles_follow_its_basic_blocks() -> None:
     assert sites["layer3.1:block"].features == 256
 
 
-def test_bottleneck_and_convnext_roles() -> None:
-    roles = _roles(RESNET.make())
+def test_bottleneck_and_convnextrole_sites() -> None:
+    roles = role_sites(RESNET.make())
     assert roles["conv.mid"] == [f"layer{i}.0.conv2" for i in (1, 2, 3, 4)]
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=4)
-    roles = _roles(model)
+    roles = role_sites(model)
     assert roles["mlp.up"][0] == "stages.0.blocks.0.mlp.fc1"
     assert roles["conv.mid"][0] == "stages.0.blocks.0.conv_dw"  # depthwise: not a projection
     assert roles["downsample"] == [f"stages.{i}.downsample.1" for i in (1, 2, 3)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _matrix import role_sites
 from torch import nn
 
 import unipeft
@@ -18,18 +19,10 @@ transformers = pytest.importorskip("transformers")
 MAMBA = BACKBONES["mamba"]
 
 
-def _roles(model: nn.Module) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for site in unipeft.inspect_sites(model):
-        if site.role:
-            out.setdefault(site.role, []).append(site.name)
-    return out
-
-
 def test_tiny_mamba_roles_and_widths() -> None:
     model = MAMBA.make()
     assert unipeft.pick_map(model, unipeft.registry().sorted_maps()).name == "transformers-mamba"
-    roles = _roles(model)
+    roles = role_sites(model)
     assert roles["ssm.in"] == ["layers.0:ssm.in", "layers.1:ssm.in"]
     assert roles["ssm.x"] == ["layers.0:ssm.x", "layers.1:ssm.x"]
     assert roles["ssm.out"] == ["layers.0:ssm.out", "layers.1:ssm.out"]
@@ -51,7 +44,7 @@ def test_a_realistic_causal_lm_is_found_under_its_prefix() -> None:
     )
     with torch.device("meta"):
         model = transformers.MambaForCausalLM(config)
-    roles = _roles(model)
+    roles = role_sites(model)
     assert len(roles["ssm.in"]) == 24 and roles["ssm.in"][0] == "backbone.layers.0:ssm.in"
     assert roles["embed"] == ["backbone.embeddings"]
     sites = {s.name: s for s in unipeft.inspect_sites(model)}
@@ -75,7 +68,7 @@ def test_mamba2_in_and_out_projections_and_its_gated_norm() -> None:
     )
     torch.manual_seed(0)
     model = transformers.Mamba2Model(config)
-    roles = _roles(model)
+    roles = role_sites(model)
     assert roles["ssm.in"] == ["layers.0:ssm.in", "layers.1:ssm.in"]
     assert roles["norm"] == [
         "layers.0.norm",
