@@ -37,6 +37,7 @@ from unipeft.bench.robustness import (
     _same,
     check_request,
     markdown,
+    recipe_names,
     with_metrics,
     write_outputs,
 )
@@ -378,3 +379,14 @@ def test_clip_zero_shot_row_under_every_corruption() -> None:
         kind, s = key.split("/")
         assert row.corrupted[kind][s] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
     assert all(v is not None for v in row.corrupted[PROMPTS].values())
+
+
+def test_every_vision_tower_and_its_budget_are_the_demos() -> None:
+    from unipeft.demo import VISION_BUDGET, vision
+
+    names = recipe_names()["vision"]
+    for kind in vision.BACKBONES:  # the ConvNet tower's own rows are requestable too
+        assert {r.name for r in vision.recipes(False, kind)} <= set(names)
+    assert {"dora", "ssf", "visual_prompt"} <= set(names)
+    assert vision.budget_for("convnet", VISION_BUDGET) == vision.CONVNET_BUDGET
+    assert vision.budget_for("timm", VISION_BUDGET) == VISION_BUDGET

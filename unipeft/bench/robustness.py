@@ -115,7 +115,9 @@ def recipe_names(quick: bool = False) -> dict[str, list[str]]:
 
     return {
         "text": [r.name for r in text.recipes(quick)],
-        "vision": [r.name for r in vision.recipes(quick)],
+        "vision": list(
+            dict.fromkeys(r.name for kind in vision.BACKBONES for r in vision.recipes(quick, kind))
+        ),
         "clip": [r.name for r in clip.recipes(quick)],
     }
 
@@ -285,11 +287,12 @@ def _vision_rows(
     rows: list[RobustnessRow] = []
     for kind in vision.BACKBONES:
         picked = [r for r in vision.recipes(quick, kind) if only is None or r.name in only]
+        if not picked:
+            continue
         task = vision.build_task(kind, data, seed, quick, device, progress)
         clean = vision.image_batches(x, y)
-        rows += _classifier_rows(
-            task, picked, VISION_BUDGET, clean, corrupted, seed, device, progress
-        )
+        budget = vision.budget_for(kind, VISION_BUDGET)
+        rows += _classifier_rows(task, picked, budget, clean, corrupted, seed, device, progress)
     return rows
 
 

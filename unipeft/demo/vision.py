@@ -35,6 +35,12 @@ VALIDATION_FRACTION = 0.2
 """The share of the adaptation training images held out to choose hyperparameters."""
 
 
+def budget_for(kind: str, budget: float) -> float:
+    """The trainable budget of the ``kind`` tower's rows (the ConvNet's is at least
+    :data:`CONVNET_BUDGET`)."""
+    return max(budget, CONVNET_BUDGET) if kind == "convnet" else budget
+
+
 def recipes(quick: bool, kind: str = "timm") -> list[Recipe]:
     """The rows of the vision task on the ``kind`` tower (``quick``: a few epochs only), at
     the learning rates that ``--select`` chose on seed 0's validation split
@@ -170,6 +176,6 @@ def run(
     for kind in kinds:
         picked = [r for r in recipes(quick, kind) if only is None or r.name in only]
         task = build_task(kind, data, seed, quick, device, progress)
-        at = max(budget, CONVNET_BUDGET) if kind == "convnet" else budget
+        at = budget_for(kind, budget)
         rows += run_recipes(task, picked, seed, device, at, progress, select=select)
     return rows
