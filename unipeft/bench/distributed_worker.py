@@ -50,6 +50,11 @@ MODELS = {"llama": LLAMA_085B, "8b": LLAMA3_8B, "tiny": TINY}
 class RunSpec:
     """One measured run; every rank of a launch gets the same spec."""
 
+    @property
+    def adapts_with_unipeft(self) -> bool:
+        """Whether this run adapts the model with unipeft (else with PEFT)."""
+        return self.library == LIBRARIES[0]
+
     library: str  # unipeft | peft
     engine: str  # single | ddp | fsdp2
     model: str  # a key of MODELS
@@ -117,7 +122,7 @@ def _seed_factor(path: str, weight: Tensor, seed: int) -> None:
 def add_lora(spec: RunSpec, base: nn.Module) -> nn.Module:
     """LoRA (r, alpha, no dropout) on every linear projection of the decoder layers, adapters
     in the base's dtype, ``A`` seeded per layer and ``B`` at zero in both libraries."""
-    if spec.library == "unipeft":
+    if spec.adapts_with_unipeft:
         import unipeft
 
         model = unipeft.apply(
@@ -142,7 +147,7 @@ def add_lora(spec: RunSpec, base: nn.Module) -> nn.Module:
 
 def decoder_layers(spec: RunSpec, model: nn.Module) -> nn.ModuleList:
     """The repeated blocks (``model.layers`` of the LlamaForCausalLM) under either wrapper."""
-    inner = model.base_model if spec.library == "unipeft" else model.base_model.model
+    inner = model.base_model if spec.adapts_with_unipeft else model.base_model.model
     return inner.model.layers
 
 
@@ -162,7 +167,7 @@ def wrap(spec: RunSpec, model: nn.Module, ctx: Context) -> tuple[nn.Module, str]
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-    if spec.library == "unipeft":
+    if spec.adapts_with_unipeft:
         from unipeft.distributed import shard
 
         shard(model, mesh=mesh)  # fully_shard on each block, then on the DeltaModel
