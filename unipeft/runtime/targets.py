@@ -246,6 +246,8 @@ def method_targets(
     if asked is not None:
         return asked
     own = list(method.targets_for(config))
+    if not any(_claims(m, model) for m in maps if getattr(m, "default_targets", None)):
+        return own  # no map with defaults of its own reads this model: skip picking one
     smap, _ = _pick(model, maps, on_failure)
     fallback = getattr(smap, "default_targets", None)
     if not fallback:
@@ -262,6 +264,14 @@ def method_targets(
                 return own
             return list(theirs)
     return own
+
+
+def _claims(smap: StructureMap, model: nn.Module) -> bool:
+    """``smap.matches(model)``, a raising map counting as no match (picking it reports)."""
+    try:
+        return bool(smap.matches(model))
+    except Exception:
+        return False
 
 
 def _reaches(
