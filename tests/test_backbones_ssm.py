@@ -1,5 +1,6 @@
 """transformers' Mamba: its structure map, the map's default targets, what each family of
-methods does there, and where deltas cannot run (the weights the mixer reads directly)."""
+methods does there, and the weights the mixer reads directly (``dt_proj``, ``conv1d``), which
+the effective-weight host adapts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import unipeft
 from unipeft.contract.errors import TargetError
+from unipeft.contract.sites import ModuleSite
 from unipeft.maps.ssm import MAMBA_MAP, mixer_calls
 from unipeft.testing.backbones import BACKBONES
 
@@ -27,9 +29,13 @@ def test_tiny_mamba_roles_and_widths() -> None:
     assert roles["ssm.x"] == ["layers.0:ssm.x", "layers.1:ssm.x"]
     assert roles["ssm.out"] == ["layers.0:ssm.out", "layers.1:ssm.out"]
     assert roles["mixer"] == ["layers.0:mixer", "layers.1:mixer"]
+    assert roles["ssm.dt"] == ["layers.0:ssm.dt", "layers.1:ssm.dt"]
+    assert roles["ssm.conv"] == ["layers.0:ssm.conv", "layers.1:ssm.conv"]
     assert roles["norm"] == ["layers.0.norm", "layers.1.norm"]
     assert roles["embed"] == ["embeddings"] and roles["tokens"] == ["tokens"]
     sites = {s.name: s for s in unipeft.inspect_sites(model)}
+    assert (sites["layers.0:ssm.dt"].in_features, sites["layers.0:ssm.dt"].features) == (4, 32)
+    assert sites["layers.0:ssm.conv"].features == 32 and sites["layers.0:ssm.conv"].weight is None
     # in_proj: hidden 16 -> 2 x inner 32 (SSM input and gate); x_proj: inner -> rank 4 + 2 x 4
     assert (sites["layers.0:ssm.in"].in_features, sites["layers.0:ssm.in"].features) == (16, 64)
     assert (sites["layers.0:ssm.x"].in_features, sites["layers.0:ssm.x"].features) == (32, 12)
@@ -76,7 +82,8 @@ def test_mamba2_in_and_out_projections_and_its_gated_norm() -> None:
         "layers.1.norm",
         "layers.1.mixer.norm",
     ]
-    assert not {"ssm.x", "ssm.dt", "ssm.conv"} & set(roles)
+    assert not {"ssm.x", "ssm.dt"} & set(roles)
+    assert roles["ssm.conv"] == ["layers.0:ssm.conv", "layers.1:ssm.conv"]  # depthwise
     ids = torch.randint(0, 50, (2, 6))
     adapted = unipeft.apply(model, "lora", r=2)
     assert [s.role for s in adapted.adapters["default"].sites] == ["ssm.in"] * 2 + ["ssm.out"] * 2
@@ -93,9 +100,9 @@ def test_mamba2_in_and_out_projections_and_its_gated_norm() -> None:
         )
 
 
-def test_hooks_run_on_the_projections_the_map_exposes_and_never_on_dt_or_conv() -> None:
-    """Why ssm.dt and ssm.conv are no sites on transformers 5: the mixer reads those
-    weights in its own arithmetic, so a hook on the modules never runs."""
+def test_dt_and_conv_are_weights_the_mixer_reads_so_the_mixer_hosts_them() -> None:
+    """transformers 5's mixer never calls dt_proj or conv1d (a hook there would never run):
+    their sites name the mixer as host and take merged-form methods only."""
     model = MAMBA.make()
     mixer = model.layers[0].mixer
     called: list[str] = []
@@ -106,7 +113,12 @@ def test_hooks_run_on_the_projections_the_map_exposes_and_never_on_dt_or_conv() 
     model.train()
     MAMBA.run(model, MAMBA.sample(0)).sum().backward()
     assert set(called) == set(mixer_calls(mixer)) == {"in_proj", "x_proj", "out_proj"}
-    assert not {s.role for s in MAMBA_MAP.sites(model)} & {"ssm.dt", "ssm.conv"}
+    sites = {s.name: s for s in MAMBA_MAP.sites(model)}
+    for name, rel in (("layers.0:ssm.dt", "dt_proj"), ("layers.0:ssm.conv", "conv1d")):
+        site = sites[name]
+        assert site.host is mixer and site.module is getattr(mixer, rel)
+        assert site.merged_form_only is not None and rel in site.merged_form_only
+    assert sites["layers.0:ssm.x"].host is None  # called as a module: an ordinary site
 
 
 class _ModuleCallingMixer(nn.Module):
@@ -160,9 +172,10 @@ def test_falcon_mamba_keeps_the_layout_and_reads_dt_directly() -> None:
     )
     model = transformers.FalconMambaModel(config)
     model.train()
-    roles = {s.role for s in MAMBA_MAP.sites(model)}
-    assert {"ssm.in", "ssm.x", "ssm.out", "mixer"} <= roles
-    assert not roles & {"ssm.dt", "ssm.conv"}  # its forward calls dt_proj only when quantized
+    sites = MAMBA_MAP.sites(model)
+    assert {"ssm.in", "ssm.x", "ssm.out", "mixer"} <= {s.role for s in sites}
+    # its forward calls dt_proj only when quantized: the mixer hosts dt and conv
+    assert {s.role for s in sites if getattr(s, "host", None) is not None} == {"ssm.dt", "ssm.conv"}
     assert model.training and model.layers[0].mixer.in_proj.training  # the probe restored it
 
 
@@ -198,18 +211,28 @@ def test_a_mixer_calling_dt_and_conv_as_modules_exposes_them() -> None:
     assert [s.channel_dim for s in tuned.adapters["default"].sites] == [1, 1]
 
 
-def test_with_the_fused_cuda_kernel_only_in_proj_is_a_projection_site(monkeypatch) -> None:
+def test_under_the_fused_cuda_kernel_the_mixer_hosts_every_weight_it_reads(monkeypatch) -> None:
     """In training mode the mamba_ssm kernel reads every mixer weight but in_proj's itself:
-    the map leaves those projections out rather than attach deltas that would not run."""
+    x_proj and out_proj become weights the mixer's effective-weight host adapts too (in eval
+    mode, where the mixer calls them, the same host runs them)."""
     import unipeft.maps.ssm as ssm
 
     monkeypatch.setattr(ssm, "fused_kernels", lambda: True)
-    roles = {s.role for s in MAMBA_MAP.sites(MAMBA.make())}
-    assert roles == {"embed", "ssm.in", "mixer", "norm", "block", "tokens"}
-    lora = unipeft.apply(MAMBA.make(), "lora", r=2)
-    assert [s.role for s in lora.adapters["default"].sites] == ["ssm.in", "ssm.in"]
-    with pytest.raises(TargetError, match=r"'ssm\.x' matches nothing"):
-        unipeft.apply(MAMBA.make(), "lora", targets=["ssm.x"])
+    sites = MAMBA_MAP.sites(MAMBA.make())
+    hosted = {s.role for s in sites if isinstance(s, ModuleSite) and s.host is not None}
+    assert hosted == {"ssm.x", "ssm.out", "ssm.dt", "ssm.conv"}
+    assert {s.role for s in sites if isinstance(s, ModuleSite) and s.role == "ssm.in"}
+    assert all(s.host is None for s in sites if s.role == "ssm.in")
+    x = MAMBA.sample(0)
+    model = unipeft.apply(MAMBA.make(), "lora", r=2, alpha=2, targets=["ssm.x[0]"])
+    delta = model.adapters["default"].delta_at("layers.0:ssm.x")
+    for p in delta.parameters():
+        nn.init.normal_(p, std=0.3)
+    reference = MAMBA.make()
+    with torch.no_grad():
+        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
+        reference.layers[0].mixer.x_proj.weight += b @ a
+        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
 
 
 def test_default_targets_come_from_the_map() -> None:
@@ -290,7 +313,12 @@ def test_prompt_tuning_prepends_tokens_and_saves(tmp_path: Path) -> None:
         ("ssf", ["norm"], "MambaRMSNorm.*has no bias"),
         ("lora", ["mixer"], r"projection sites and 'layers.0:mixer' is a module site"),
         ("ln_tuning", ["ssm.in"], "ssm.in|Linear|norm"),
-        ("lora", ["ssm.dt"], r"'ssm.dt' matches nothing on MambaModel"),
+        (
+            "bottleneck_adapter",
+            ["ssm.dt"],
+            r"'layers.0:ssm.dt' is a weight the MambaMixer reads in its own arithmetic "
+            r"\(dt_proj\): only methods with a merged-weight form apply there",
+        ),
     ],
 )
 def test_refusals_name_the_site_kind(method: str, targets: list[str], message: str) -> None:
@@ -300,3 +328,142 @@ def test_refusals_name_the_site_kind(method: str, targets: list[str], message: s
         unipeft.apply(backbone, method, targets=targets)
     after = backbone.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def _randomise(model: nn.Module, std: float = 0.3) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * std)
+
+
+def test_lora_on_dt_proj_matches_a_hand_written_low_rank_update() -> None:
+    """The mixer reads ``dt_proj.weight`` itself: the adapted model equals the same Mamba
+    with ``W + scale * B @ A`` written into that weight, and the backbone's own parameters
+    and the order of its state dict are untouched by the forward pass."""
+    x = MAMBA.sample(0)
+    backbone = MAMBA.make()
+    keys = list(backbone.state_dict())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = unipeft.apply(backbone, "lora", r=2, alpha=4, targets=["ssm.dt[1]"])
+    delta = model.adapters["default"].delta_at("layers.1:ssm.dt")
+    for p in delta.parameters():
+        nn.init.normal_(p, std=0.3)
+    reference = MAMBA.make()
+    with torch.no_grad():
+        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
+        reference.layers[1].mixer.dt_proj.weight += 2.0 * b @ a
+        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+    assert list(backbone.state_dict()) == keys
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in before.items())
+    assert isinstance(backbone.layers[1].mixer.dt_proj.weight, nn.Parameter)
+    model.unload()
+    assert "forward" not in vars(backbone.layers[1].mixer)  # the host leaves no trace
+
+
+def test_ssf_on_the_depthwise_convolution_matches_scaled_conv_weights() -> None:
+    x = MAMBA.sample(0)
+    model = unipeft.apply(MAMBA.make(), "ssf", targets=["ssm.conv[0]"])
+    _randomise(model)
+    delta = model.adapters["default"].delta_at("layers.0:ssm.conv")
+    reference = MAMBA.make()
+    with torch.no_grad():
+        conv = reference.layers[0].mixer.conv1d
+        conv.weight.mul_(delta.scale.view(-1, 1, 1))
+        conv.bias.mul_(delta.scale).add_(delta.shift)
+        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+
+
+@pytest.mark.parametrize(
+    ("method", "targets", "config"),
+    [
+        ("lora", ["ssm.dt", "ssm.in"], {"r": 2}),
+        ("loha", ["ssm.dt"], {"r": 2}),
+        ("ssf", ["ssm.conv"], {}),
+        ("bitfit", ["ssm.conv", "ssm.dt"], {}),
+    ],
+)
+def test_deltas_on_read_weights_train_save_and_merge(
+    method: str, targets: list[str], config: dict, tmp_path: Path
+) -> None:
+    x = MAMBA.sample(0)
+    model = unipeft.apply(MAMBA.make(), method, targets=targets, **config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=0.05)  # the time step's gradients are small here
+    target = torch.randn(
+        MAMBA.run(MAMBA.make(), x).shape, generator=torch.Generator().manual_seed(1)
+    )
+    start = [p.detach().clone() for p in trainable]
+    for _ in range(3):
+        loss = (MAMBA.run(model, x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(p, s) for p, s in zip(trainable, start))  # every one trained
+    with torch.no_grad():
+        trained = MAMBA.run(model, x)
+        assert not torch.allclose(trained, MAMBA.run(MAMBA.make(), x))
+        model.save(tmp_path)
+        assert torch.equal(MAMBA.run(unipeft.load(MAMBA.make(), tmp_path), x), trained)
+        model.merge()
+        torch.testing.assert_close(MAMBA.run(model, x), trained, atol=1e-5, rtol=1e-4)
+        model.unmerge()
+        assert torch.equal(MAMBA.run(model, x), trained)
+
+
+def test_a_mixed_batch_runs_each_adapter_on_its_own_samples() -> None:
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(2))
+    model = unipeft.apply(MAMBA.make(), "lora", adapter_name="a", r=2, targets=["ssm.dt"])
+    model.add_adapter("b", "ssf", targets=["ssm.conv", "ssm.in"])
+    _randomise(model)
+    names = ["a", "b", "__base__", "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).last_hidden_state
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable():
+                    alone = model(input_ids=ids[i : i + 1]).last_hidden_state
+            else:
+                model.set_active(name)
+                alone = model(input_ids=ids[i : i + 1]).last_hidden_state
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "config"),
+    [
+        ("lora", {"r": 2}),
+        ("dora", {"r": 2}),
+        ("loha", {"r": 2}),
+        ("lokr", {"r": 2}),
+        ("oft", {"oft_block_size": 2}),
+        ("fourierft", {"n_frequency": 8}),
+        ("vera", {"r": 2}),
+        ("ia3", {}),
+        ("bitfit", {}),
+    ],
+)
+def test_merged_form_methods_on_dt_proj_keep_the_lifecycle_promises(
+    method: str, config: dict
+) -> None:
+    """Disabled is the base bit for bit, merged equals unmerged, unmerge restores the
+    weights exactly, and one backward reaches every trainable parameter."""
+    x = MAMBA.sample(0)
+    backbone = MAMBA.make()
+    base_state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = unipeft.apply(backbone, method, targets=["ssm.dt"], **config)
+    _randomise(model, 0.2)
+    with torch.no_grad():
+        base = MAMBA.run(MAMBA.make(), x)
+        with model.disable():
+            assert torch.equal(MAMBA.run(model, x), base)
+        adapted = MAMBA.run(model, x)
+        assert not torch.equal(adapted, base)
+        model.merge()
+        torch.testing.assert_close(MAMBA.run(model, x), adapted, atol=1e-5, rtol=1e-4)
+        model.unmerge()
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in base_state.items())
+    MAMBA.run(model, x).square().sum().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"

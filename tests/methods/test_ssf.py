@@ -139,7 +139,7 @@ def test_paper_init_is_not_identity() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(TargetError, match=r"projection or an affine norm"):
+    with pytest.raises(TargetError, match=r"projection, a convolution or an affine norm"):
         unipeft.apply(tiny_vit(), "ssf", targets=["mlp"])  # a sublayer path: no weight
     with pytest.raises(TargetError, match=r"no bias"):
         unipeft.apply(TINY["llama"].make(), "ssf", targets=["norm"])  # RMSNorm: β cannot fold

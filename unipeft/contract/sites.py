@@ -198,14 +198,17 @@ class ModuleSite:
         module has a ``weight``, and that weight is either a projection's (``weight`` is
         set: Linear, ``Conv1D``, Conv, a slice of a fused projection) or an affine norm's
         1-D scale (``role == "norm"``, or an ``nn.LayerNorm``, ``nn.GroupNorm``,
-        ``nn.RMSNorm``, a Hugging Face ``*RMSNorm`` or a batch norm).
+        ``nn.RMSNorm``, a Hugging Face ``*RMSNorm`` or a batch norm), or a convolution that
+        is no projection (a grouped or depthwise one, whose weight still holds one slice per
+        output channel, so a per-channel scale and shift fold into it).
         :meth:`DeltaModule.merged` then receives :meth:`weight_views` of it."""
         if self.entry is not None or self.parameter("weight") is None:
             return (
                 f"site {self.name!r} ({self.role or 'module'}) has no weight to fold the delta into"
             )
         if self.weight is None and self.role != "norm" and not _is_affine(self.module):
-            return f"site {self.name!r} is not a projection or a norm"
+            if not isinstance(self.module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                return f"site {self.name!r} is not a projection, a convolution or a norm"
         w = self.parameter("weight")
         codec = weight_codec(w, self.module)
         if codec is not None:

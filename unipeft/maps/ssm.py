@@ -174,12 +174,12 @@ class MambaMap:
         out: list[Site] = []
         for site in layout.sites(model):
             if fused and site.role in ("ssm.x", "ssm.out"):
-                continue
+                continue  # the fused kernel reads them: added below as weights it reads
             if site.role == "block" and isinstance(site, ModuleSite) and not site.features:
                 site = replace(site, features=_hidden(site.module))
             out.append(site)
-            if site.role == "mixer" and isinstance(site, ModuleSite) and not fused:
-                out.extend(_read_directly_sites(site))
+            if site.role == "mixer" and isinstance(site, ModuleSite):
+                out.extend(_inner_sites(site, fused))
         return out
 
 
@@ -189,15 +189,21 @@ def _hidden(module: nn.Module) -> int:
     return int(size) if size else output_features(module)
 
 
-def _read_directly_sites(mixer_site: ModuleSite) -> list[Site]:
-    """``ssm.dt`` / ``ssm.conv`` sites, where the mixer calls those modules."""
+def _inner_sites(mixer_site: ModuleSite, fused: bool) -> list[Site]:
+    """``ssm.dt`` / ``ssm.conv`` sites (and ``ssm.x`` / ``ssm.out`` under the fused kernel):
+    a plain site where the mixer calls the module, else one the mixer's effective-weight
+    host runs (merged-form methods only)."""
     out: list[Site] = []
-    called = mixer_calls(mixer_site.module)
+    mixer = mixer_site.module
+    called = mixer_calls(mixer)
     block_path = mixer_site.name.rpartition(":")[0]
-    for rel, role in _READ_DIRECTLY.items():
-        if rel not in called:
+    inner = dict(_READ_DIRECTLY)
+    if fused:
+        inner = {"x_proj": "ssm.x", **inner, "out_proj": "ssm.out"}
+    for rel, role in inner.items():
+        if not hasattr(mixer, rel):
             continue
-        module = mixer_site.module.get_submodule(rel)
+        module = mixer.get_submodule(rel)
         path = f"{mixer_site.path}.{rel}"
         name = f"{block_path}:{role}"
         site = projection_site(
@@ -213,6 +219,15 @@ def _read_directly_sites(mixer_site: ModuleSite) -> list[Site]:
                 module=module,
                 features=int(getattr(module, "out_channels", 0)) or output_features(module),
                 channel_dim=1,
+            )
+        if fused or rel not in called:  # a Linear and a depthwise Conv1d: both probed
+            site = replace(
+                site,
+                host=mixer,
+                host_path=mixer_site.path,
+                merged_form_only=(
+                    f"a weight the {type(mixer).__name__} reads in its own arithmetic ({rel})"
+                ),
             )
         out.append(site)
     return out

@@ -26,10 +26,12 @@ from .module_host import ModuleHost
 from .rnn_host import RNNHost
 from .sequence_host import SequenceHost
 from .state import AdapterState, Attachment
+from .weight_host import EffectiveWeightHost
 
 __all__ = [
     "HOST_KINDS",
     "AttentionHost",
+    "EffectiveWeightHost",
     "HostKind",
     "HostTable",
     "MHAHost",
@@ -52,7 +54,7 @@ class HostKind(Protocol):
     def create(cls, site: Any, state: AdapterState) -> Any: ...
 
 
-HOST_KINDS: tuple[type, ...] = (SequenceHost, MHAHost, RNNHost, ModuleHost)
+HOST_KINDS: tuple[type, ...] = (SequenceHost, MHAHost, RNNHost, EffectiveWeightHost, ModuleHost)
 """Host kinds in the order they are asked; :class:`ModuleHost` takes any module site."""
 
 

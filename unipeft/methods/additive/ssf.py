@@ -123,8 +123,8 @@ def _accepts(cfg: SsfConfig, site: Site) -> str | None:
     if why is not None:
         return (
             f"{why}: SSF attaches where its scale and shift fold into the weights (a "
-            "projection or an affine norm). Target projections (attn.q, attn.out, mlp.up, "
-            "mlp.down...) or norms instead"
+            "projection, a convolution or an affine norm). Target projections (attn.q, "
+            "attn.out, mlp.up, mlp.down...) or norms instead"
         )
     if site.weight is None and site.parameter("bias") is None:
         return (
@@ -155,8 +155,9 @@ METHOD = Method(
     formula="2 · d_out per site (a scale γ and a shift β per output channel)",
     site_kinds=("module",),
     accepts=_accepts,
-    refuses="module sites that are not a projection or an affine norm (sublayer paths, blocks, "
-    "embedding tables) and norms without a bias (RMSNorm): SSF attaches only where it merges",
+    refuses="module sites that are not a projection, a convolution or an affine norm (sublayer "
+    "paths, blocks, embedding tables) and norms without a bias (RMSNorm): SSF attaches only "
+    "where it merges",
     default_targets=DEFAULT_TARGETS,
     mergeable=True,
     identity_at_init=lambda cfg: cfg.init == "identity",
