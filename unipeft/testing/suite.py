@@ -10,6 +10,9 @@ installed.
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import pytest
 
 from .invariants import INVARIANTS
@@ -17,24 +20,69 @@ from .lifecycle import run_lifecycle
 from .pytest_plugin import ConformanceCase
 from .runner import check
 
-KNOWN_FAILURES: dict[tuple[str, str], tuple[str, str]] = {}
-"""``(method id, invariant)``: a known bug of a built-in method, as ``(the message the
-invariant must fail with, the reason)``. The case must fail exactly so (it is then reported
-as xfail, with the reason); if it passes, or fails otherwise, it fails, so that the entry is
-removed once the bug is fixed."""
+
+class KnownFailure(NamedTuple):
+    """How a known case fails: the message it must fail with and why. ``strict``: the
+    case must fail (an entry for a bug, removed once fixed); not strict: a numerical limit
+    that some drawn configs reach and others miss, so a pass is a pass."""
+
+    message: str
+    reason: str
+    strict: bool = True
+
+
+_RECURRENT_HALF = KnownFailure(
+    r"bfloat16 output differs from float32",
+    "numerical: a recurrent layer carries the bf16 rounding of its effective weights through "
+    "every time step, and this drawn config's change is several times the weight it adapts "
+    "(docs/backbones.md, 'Known numerical failures')",
+    strict=False,
+)
+
+KNOWN_FAILURES: dict[tuple[str, ...], KnownFailure] = {
+    ("fourierft", "half_precision", "lstm"): _RECURRENT_HALF,
+    ("randlora", "half_precision", "lstm"): _RECURRENT_HALF,
+    ("randlora", "half_precision", "gru"): _RECURRENT_HALF,
+    ("vblora", "half_precision", "lstm"): _RECURRENT_HALF,
+    ("vblora", "half_precision", "gru"): _RECURRENT_HALF,
+    ("vblora", "merge_roundtrip", "mamba"): KnownFailure(
+        r"merged vs unmerged output",
+        "numerical: float32 rounding of the merged in_proj, carried through the selective "
+        "scan's B·C term (quadratic in that change), exceeds 1e-5 on this drawn config; it "
+        "is exactly 0 in float64 (docs/backbones.md, 'Known numerical failures')",
+        strict=False,
+    ),
+}
+"""Known failures of built-in methods, keyed by ``(method id, invariant)`` (on every
+backbone) or ``(method id, invariant, backbone)`` (on that tiny backbone only). A case that
+fails with the entry's message is reported as xfail, with the reason; one that fails
+otherwise fails; one that passes fails if the entry is strict (so that the entry is removed
+once the bug is fixed)."""
+
+
+def known_failure(method: str, invariant: str, backbone: str) -> KnownFailure | None:
+    """The :data:`KNOWN_FAILURES` entry of one case, the backbone's own first."""
+    return KNOWN_FAILURES.get((method, invariant, backbone)) or KNOWN_FAILURES.get(
+        (method, invariant)
+    )
 
 
 @pytest.mark.parametrize("invariant", list(INVARIANTS))
 def test_conformance(conformance_case: ConformanceCase, invariant: str) -> None:
     """One invariant: the method's default config, its wide config, then drawn configs."""
     method, backbone = conformance_case.method, conformance_case.backbone
-    known = KNOWN_FAILURES.get((method.id, invariant))  # type: ignore[attr-defined]
+    known = known_failure(method.id, invariant, backbone.name)  # type: ignore[attr-defined]
     if known is None:
         check(method, backbone, invariant)  # type: ignore[arg-type]
         return
-    with pytest.raises(AssertionError, match=known[0]):
+    try:
         check(method, backbone, invariant)  # type: ignore[arg-type]
-    pytest.xfail(known[1])
+    except AssertionError as exc:
+        if not re.search(known.message, str(exc)):
+            raise
+        pytest.xfail(known.reason)
+    if known.strict:
+        pytest.fail(f"known failure no longer fails ({known.reason}): remove its entry")
 
 
 def test_lifecycle(conformance_case: ConformanceCase) -> None:
