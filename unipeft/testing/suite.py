@@ -32,10 +32,19 @@ class KnownFailure(NamedTuple):
 
 
 _RECURRENT_HALF = KnownFailure(
-    r"bfloat16 output differs from float32",
+    r"float16 output differs from float32",  # bfloat16 or float16, by platform
     "numerical: a recurrent layer carries the bf16 rounding of its effective weights through "
     "every time step, and this drawn config's change is several times the weight it adapts "
     "(docs/backbones.md, 'Known numerical failures')",
+    strict=False,
+)
+
+_GRAPH_SUMS = KnownFailure(
+    r"merged vs unmerged output|vs 'default' alone",
+    "numerical: RandLoRA's default scale (alpha 640) makes the change hundreds of times the "
+    "weight, and the graph layers sum it over neighbours; an output near 0 among outputs "
+    "near 500 then differs by about 3e-4 between two float32 orders of summation (seen with "
+    "torch 2.11's CPU kernels; docs/backbones.md, 'Known numerical failures')",
     strict=False,
 )
 
@@ -45,6 +54,8 @@ KNOWN_FAILURES: dict[tuple[str, ...], KnownFailure] = {
     ("randlora", "half_precision", "gru"): _RECURRENT_HALF,
     ("vblora", "half_precision", "lstm"): _RECURRENT_HALF,
     ("vblora", "half_precision", "gru"): _RECURRENT_HALF,
+    ("randlora", "merge_roundtrip", "gnn"): _GRAPH_SUMS,
+    ("randlora", "composition", "gnn"): _GRAPH_SUMS,
     ("vblora", "merge_roundtrip", "mamba"): KnownFailure(
         r"merged vs unmerged output",
         "numerical: float32 rounding of the merged in_proj, carried through the selective "
