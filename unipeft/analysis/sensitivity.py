@@ -14,8 +14,16 @@ a fused projection only), one ``G_b`` per calibration batch and ``Ḡ`` their me
   update of unit norm at the site can make (the top ``r`` singular values of ``Ḡ``): what
   a LoRA of rank ``r`` can reach there, to first order.
 
-No parameter of the model changes: the model is run with every parameter frozen and the
-gradients of the sites' outputs are read through hooks, which are removed afterwards.
+Where the module returns the projection's own output, ``G`` is read through hooks on it
+(``dY`` from the output's gradient, ``x`` from its input). Elsewhere ``G`` is the gradient of
+the weight itself, which is the same sum ``dYᵀ x``: ``nn.MultiheadAttention``'s fused input
+projection (rows of ``in_proj_weight`` per slice), weights a recurrent layer or Mamba's
+mixer reads inside its own arithmetic, and convolutions (their ``(out, in, *kernel)``
+gradient as ``out × (in · kernel)``, the shape in which a convolution LoRA's update has rank
+``r``). Only those weights then take gradients, for the scoring's own backward passes.
+
+No parameter of the model changes: the model is run with every other parameter frozen,
+hooks are removed afterwards, and every ``requires_grad`` flag and ``.grad`` is put back.
 """
 
 from __future__ import annotations
@@ -84,7 +92,8 @@ def score_sites(
     module) cannot be hooked and are left out; :func:`unscorable` names them."""
     if rank < 1:
         raise ConfigError(f"rank={rank}: the rank of the update to score must be at least 1")
-    sites = _projection_sites(model, targets)
+    resolved = resolve_sites(model, targets)
+    sites = [s for s in resolved if _hookable(s) or _by_weight(s)]
     if not sites:
         raise ConfigError(
             f"no projection of {type(model).__name__} can be scored for targets "
@@ -94,17 +103,22 @@ def score_sites(
     sums: dict[str, Tensor] = {}
     fisher: dict[str, float] = {s.name: 0.0 for s in sites}
     n = 0
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     was_training = model.training
     handles: list[Any] = []
     current: dict[str, Tensor] = {}
+    weighed = [s for s in sites if not _hookable(s)]  # read off their weight's gradient
     try:
-        for p, _ in flags:
+        for p, _, _ in flags:
             p.requires_grad_(False)
+            p.grad = None
+        for s in weighed:
+            s.parameter("weight").requires_grad_(True)  # type: ignore[union-attr]
         model.eval()
         by_module: dict[int, list[ModuleSite]] = {}
         for s in sites:
-            by_module.setdefault(id(s.module), []).append(s)
+            if _hookable(s):
+                by_module.setdefault(id(s.module), []).append(s)
         for group in by_module.values():
             handles.append(group[0].module.register_forward_hook(_hook(group, current)))
         for batch in batches:
@@ -118,6 +132,7 @@ def score_sites(
                     "loss_fn runs the model passed to score_sites"
                 )
             loss.backward()
+            _read_weight_gradients(weighed, current)
             for s in sites:
                 g = current.get(s.name)
                 if g is None:
@@ -128,8 +143,9 @@ def score_sites(
     finally:
         for h in handles:
             h.remove()
-        for p, flag in flags:
+        for p, flag, grad in flags:
             p.requires_grad_(flag)
+            p.grad = grad
         model.train(was_training)
     if n == 0:
         raise ConfigError("batches is empty: pass at least one calibration batch")
@@ -159,8 +175,9 @@ def score_sites(
 
 
 def unscorable(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
-    """The sites ``targets`` reach that :func:`score_sites` cannot hook."""
-    return [s.name for s in resolve_sites(model, targets) if not _hookable(s)]
+    """The sites ``targets`` reach that :func:`score_sites` cannot score: read through an
+    entry module, or a quantized weight."""
+    return [s.name for s in resolve_sites(model, targets) if not (_hookable(s) or _by_weight(s))]
 
 
 def resolve_sites(model: nn.Module, targets: Iterable[str] | None) -> list[Any]:
@@ -182,8 +199,30 @@ def _hookable(site: Any) -> bool:
     )
 
 
-def _projection_sites(model: nn.Module, targets: Iterable[str] | None) -> list[ModuleSite]:
-    return [s for s in resolve_sites(model, targets) if _hookable(s)]
+def _by_weight(site: Any) -> bool:
+    """A projection whose ``G`` is its plain float weight's gradient (see the docstring)."""
+    if not isinstance(site, ModuleSite) or site.weight is None or site.entry is not None:
+        return False
+    if site.weight.layout not in ("linear", "conv", "mha_in"):
+        return False
+    w = site.parameter("weight")
+    return type(w) is nn.Parameter and w.is_floating_point()
+
+
+def _read_weight_gradients(sites: list[ModuleSite], current: dict[str, Tensor]) -> None:
+    """``G`` of each site scored by its weight's gradient: its rows, as a matrix; the
+    gradients are then cleared for the next batch."""
+    weights = []
+    for s in sites:
+        w = s.parameter("weight")
+        assert w is not None
+        weights.append(w)
+        if w.grad is None:
+            continue  # the site did not take part in this batch's loss
+        rows = w.grad if s.out_slice is None else w.grad[s.out_slice[0] : s.out_slice[1]]
+        current[s.name] = rows.detach().reshape(rows.shape[0], -1).float()
+    for w in weights:
+        w.grad = None
 
 
 def _hook(group: list[ModuleSite], current: dict[str, Tensor]) -> Callable[..., None]:
