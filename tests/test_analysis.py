@@ -4,12 +4,14 @@ invariants, placement under a budget, and the spectrum helpers."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 import unipeft
 from unipeft.analysis import (
+    Auto,
     effective_rank,
     place,
     score_sites,
@@ -219,3 +221,32 @@ def test_analyze_command_writes_scores_placement_and_heatmap(tmp_path) -> None: 
     assert not (tmp_path / "out").exists()  # analysis writes no run folder
     bad = runner.invoke(app, ["analyze", str(tmp_path / "run.yaml"), "--score", "x"])
     assert bad.exit_code == 2 and "score 'x' is not one of" in bad.output
+
+
+def test_auto_targets_place_the_method_inside_apply(tmp_path: Path) -> None:
+    """``targets=Auto(...)`` attaches where ``place`` puts the method on the same scores; the
+    adapter records plain role targets, so it saves and loads without the batches."""
+    bb = BACKBONES["llama"]
+    batches = [bb.sample(seed=i) for i in range(2)]
+    backbone = bb.make()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = unipeft.apply(backbone, "lora", targets=Auto(batches, _loss(bb), budget=0.02), r=2)
+    scores = score_sites(bb.make(), batches, _loss(bb), rank=2)
+    placed = place(bb.make(), scores, "lora", 0.02, r=2)
+    adapter = model.adapters["default"]
+    assert sorted(s.name for s in adapter.sites) == sorted(placed.sites)
+    assert list(adapter.targets) == placed.targets
+    assert all(isinstance(t, str) for t in placed.targets)
+    assert model.num_trainable_parameters() == placed.parameters <= 0.02 * placed.total
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in before.items())
+    model.save(tmp_path)
+    loaded = unipeft.load(bb.make(), tmp_path)
+    assert sorted(s.name for s in loaded.adapters["default"].sites) == sorted(placed.sites)
+
+
+def test_auto_as_a_string_is_refused_with_the_way_to_ask_for_it() -> None:
+    bb = BACKBONES["llama"]
+    with pytest.raises(unipeft.TargetError, match=r"targets=unipeft\.analysis\.Auto\(batches"):
+        unipeft.apply(bb.make(), "lora", targets="auto")
+    with pytest.raises(ConfigError, match="no site fits a budget"):
+        unipeft.apply(bb.make(), "lora", targets=Auto([bb.sample(0)], _loss(bb), budget=1e-7))

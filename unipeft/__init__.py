@@ -47,6 +47,7 @@ from .features import arithmetic, budget, interop
 from .features.budget import BudgetPlan, plan_budget
 from .features.optim import param_groups
 from .model import Adapter, DeltaModel
+from .runtime.checks import Targets
 from .runtime.registry import PluginFailure, Registry, register_plugin, registry, reset_registry
 from .runtime.targets import all_sites, pick_map, resolve_targets  # noqa: F401 (0.1 names)
 
@@ -75,14 +76,16 @@ def apply(
     backbone: nn.Module,
     method: str,
     *,
-    targets: list[str] | str | None = None,
+    targets: Targets = None,
     adapter_name: str = "default",
     **config: Any,
 ) -> DeltaModel:
     """Attach ``method`` to ``backbone`` and return a :class:`DeltaModel`.
 
     ``targets`` are semantic roles (``"attn.q"``, ``"mlp.down[0:4]"``, ``"text/attn.v"``) or
-    module-name regexes; ``None`` uses the method's defaults. ``config`` holds the method's
+    module-name regexes; ``None`` uses the method's defaults; a rule such as
+    ``unipeft.analysis.Auto(batches, loss_fn, budget=0.005)`` places the method from
+    calibration batches. ``config`` holds the method's
     fields (see ``list_methods()``). The backbone is frozen; only the delta is trainable.
     On any error the backbone is left exactly as it was: a ``TypeError`` for an argument of
     the wrong type (a backbone that is not an ``nn.Module``...), a :class:`UnipeftError`

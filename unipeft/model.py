@@ -196,7 +196,7 @@ class DeltaModel(FrozenNormStatistics, nn.Module):
         adapter_name: str,
         method: str,
         *,
-        targets: Sequence[str] | str | None = None,
+        targets: checks.Targets = None,
         **config: Any,
     ) -> Adapter:
         """Build an adapter and attach it. The first adapter becomes active.
@@ -209,16 +209,14 @@ class DeltaModel(FrozenNormStatistics, nn.Module):
         self.check_adapter_name(adapter_name)
         return self.attach(adapter_name, self.plan(method, targets=targets, **config))
 
-    def plan(
-        self, method: str, *, targets: Sequence[str] | str | None = None, **config: Any
-    ) -> AdapterPlan:
+    def plan(self, method: str, *, targets: checks.Targets = None, **config: Any) -> AdapterPlan:
         """Resolve ``method``, its config and ``targets`` (the method's defaults when
         ``None``) on this model's backbone, without changing anything. Every site is checked
         against the method (:class:`TargetError`) and the config's sizes against every site
         (:class:`ConfigError`, e.g. more soft tokens than a position table holds)."""
         self._check_live()
         spec = self._registry.method(checks.require_method_id(method))
-        asked = checks.target_list(targets)
+        asked = checks.target_list(targets, self.base_model, spec.id, config)
         cfg = spec.config.parse(spec.id, config)
         maps, failed = self._registry.sorted_maps(), self._registry.map_failed
         target_list = method_targets(self.base_model, spec, cfg, asked, maps, failed)

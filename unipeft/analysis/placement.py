@@ -3,12 +3,13 @@
 :func:`place` picks sites greedily by score per trainable parameter until the budget is
 spent and returns role targets with layer selectors (``"attn.q[0,3]"``), which
 ``unipeft.apply`` takes like any other targets. With one ``method`` config for every site,
-each chosen site costs what the method's ``num_parameters`` says for it.
+each chosen site costs what the method's ``num_parameters`` says for it. :class:`Auto` does
+both steps inside ``unipeft.apply``: ``targets=Auto(batches, loss_fn, budget=0.005)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,9 @@ from ..contract.errors import ConfigError
 from ..features.budget import parse_budget
 from ..runtime.checks import require_method_id
 from ..runtime.registry import registry
-from .sensitivity import SiteScore, resolve_sites
+from .sensitivity import LossFn, SiteScore, resolve_sites, score_sites
 
-__all__ = ["Placement", "place"]
+__all__ = ["Auto", "Placement", "place"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,34 @@ def place(
         score=score,
         skipped=skipped,
     )
+
+
+@dataclass(frozen=True)
+class Auto:
+    """A target rule: ``unipeft.apply(model, "lora", targets=Auto(batches, loss_fn,
+    budget=0.005))`` scores the sites ``candidates`` reach (the attention and MLP
+    projections by default) on ``batches`` with ``loss_fn(model, batch)`` (the scalar loss;
+    ``model`` is the backbone as it runs now), and attaches the method where :func:`place`
+    puts it under ``budget``. ``score`` picks the score; ``rank`` the rank of the update it
+    scores (default: the method's size field, LoRA's ``r``, else 8). The adapter records
+    the resolved role targets, so a saved adapter loads without the batches."""
+
+    batches: Iterable[Any]
+    loss_fn: LossFn
+    budget: float | str
+    score: str = "taylor"
+    candidates: Sequence[str] | None = None
+    rank: int | None = None
+
+    def targets_for(self, model: nn.Module, method: str, config: Mapping[str, Any]) -> list[str]:
+        spec = registry().method(require_method_id(method))
+        cfg = spec.config.parse(spec.id, dict(config))
+        rank = self.rank
+        if rank is None:
+            size = getattr(cfg, spec.budget_field, None) if spec.budget_field else None
+            rank = size if isinstance(size, int) and size > 0 else 8
+        scores = score_sites(model, self.batches, self.loss_fn, targets=self.candidates, rank=rank)
+        return place(model, scores, spec.id, self.budget, score=self.score, **config).targets
 
 
 def _cost(spec: Any, cfg: Any, site: Any) -> int:

@@ -69,7 +69,7 @@ def plan_budget(
     spec = registry().method(require_method_id(method))
     total = sum(p.numel() for p in backbone.parameters())
     cfg = spec.config.parse(spec.id, fixed)
-    asked = target_list(targets)
+    asked = target_list(targets, backbone, spec.id, fixed)
     reg = registry()
     wanted = method_targets(backbone, spec, cfg, asked, reg.sorted_maps(), reg.map_failed)
     _, sites, optional = resolve_targets(backbone, wanted, reg.sorted_maps(), reg.map_failed)

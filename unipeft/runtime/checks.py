@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -48,14 +48,42 @@ def require_method_id(value: object, argument: str = "method") -> str:
     return value
 
 
-def target_list(targets: object) -> list[str] | None:
-    """``targets`` as a list of strings (one string is one target), or ``None``.
+@runtime_checkable
+class TargetRule(Protocol):
+    """Targets worked out on the model itself when an adapter is planned
+    (:class:`unipeft.analysis.Auto`: scored on calibration batches, placed under a budget)."""
+
+    def targets_for(self, model: nn.Module, method: str, config: Mapping[str, Any]) -> list[str]:
+        """The target strings for ``method`` with ``config`` on ``model``."""
+        ...
+
+
+Targets = Sequence[str] | str | TargetRule | None
+"""What ``targets`` accepts: target strings, one string, a :class:`TargetRule`, or ``None``
+for the method's defaults."""
+
+
+def target_list(
+    targets: object,
+    model: nn.Module | None = None,
+    method: str = "",
+    config: Mapping[str, Any] | None = None,
+) -> list[str] | None:
+    """``targets`` as a list of strings (one string is one target), or ``None``; a
+    :class:`TargetRule` gives its targets for ``method`` with ``config`` on ``model``.
 
     Anything else (a number, a mapping, a set, a list with a non-string item) raises
     :class:`TargetError` naming the culprit, and so does an empty list (``None`` asks for
     the method's defaults)."""
     if targets is None:
         return None
+    if isinstance(targets, TargetRule) and model is not None:
+        targets = targets.targets_for(model, method, dict(config or {}))
+    if targets == "auto":
+        raise TargetError(
+            "targets='auto' needs calibration batches and a budget to place the method: pass "
+            "targets=unipeft.analysis.Auto(batches, loss_fn, budget=0.005) (docs/analysis.md)"
+        )
     if isinstance(targets, str):
         return [targets]
     if isinstance(targets, Mapping | bytes | bytearray) or not isinstance(targets, Sequence):
