@@ -92,6 +92,38 @@ def robustness_cmd(
     _console.print(f"written to {out}: {', '.join(p.name for p in written)}")
 
 
+def summary_cmd(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="the --output folders (or robustness.json files) of the seeds' runs"),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", help="folder for robustness-seeds.json and robustness-seeds.md"),
+    ],
+) -> None:
+    """Mean ± standard deviation over seeds of each recipe's clean accuracy, mCA and the two
+    ratios, from runs of `unipeft bench robustness --seed N` (one seed per run; a seed may
+    come as several runs over different tasks). See docs/robustness.md."""
+    from ..bench import check_writable
+    from ..bench.robustness_summary import (
+        read_results,
+        summarise,
+        summary_markdown,
+        write_summary,
+    )
+
+    with cli_errors():
+        summary = summarise(read_results(runs))
+        if output.exists() and not output.is_dir():
+            raise fail(f"--output {output} is a file; give a folder")
+        out = check_writable(output)
+    written = write_summary(summary, out)
+    _console.print(summary_markdown(summary), highlight=False, markup=False)
+    _console.print(f"written to {out}: {', '.join(p.name for p in written)}")
+
+
 def register(bench: typer.Typer) -> None:
-    """Add ``robustness`` to the ``unipeft bench`` group."""
+    """Add ``robustness`` and ``robustness-summary`` to the ``unipeft bench`` group."""
     bench.command("robustness")(robustness_cmd)
+    bench.command("robustness-summary")(summary_cmd)
