@@ -361,17 +361,19 @@ def test_lora_on_dt_proj_matches_a_hand_written_low_rank_update() -> None:
     assert "forward" not in vars(backbone.layers[1].mixer)  # the host leaves no trace
 
 
-def test_ssf_on_the_depthwise_convolution_matches_scaled_conv_weights() -> None:
-    x = MAMBA.sample(0)
-    model = unipeft.apply(MAMBA.make(), "ssf", targets=["ssm.conv[0]"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_ssf_on_the_depthwise_convolution_matches_scaled_conv_weights(name: str) -> None:
+    bb = BACKBONES[name]
+    x = bb.sample(0)
+    model = unipeft.apply(bb.make(), "ssf", targets=["ssm.conv[0]"])
     _randomise(model)
     delta = model.adapters["default"].delta_at("layers.0:ssm.conv")
-    reference = MAMBA.make()
+    reference = bb.make()
     with torch.no_grad():
         conv = reference.layers[0].mixer.conv1d
         conv.weight.mul_(delta.scale.view(-1, 1, 1))
         conv.bias.mul_(delta.scale).add_(delta.shift)
-        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+        torch.testing.assert_close(bb.run(model, x), bb.run(reference, x))
 
 
 @pytest.mark.parametrize(
@@ -467,3 +469,13 @@ def test_merged_form_methods_on_dt_proj_keep_the_lifecycle_promises(
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{name} got no gradient"
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_prefix_tuning_is_refused_for_want_of_attention(name: str) -> None:
+    """Mamba2's config has heads (the SSM's), yet no layer attends: prefix tuning is
+    refused by the token site itself, and prompt tuning is what fits there."""
+    backbone = BACKBONES[name].make()
+    with pytest.raises(TargetError, match=r"without attention layers.*use prompt_tuning"):
+        unipeft.apply(backbone, "prefix_tuning", targets=["tokens"])
+    assert unipeft.apply(backbone, "prompt_tuning", num_tokens=2).adapters["default"].sites

@@ -279,6 +279,10 @@ class SequenceSite:
     """The most positions the sequence holds, soft tokens included (the size of a learned
     position table the tokens pass through), or ``None`` when nothing bounds it. Methods
     that insert tokens check their count against it (:attr:`Method.size_check`)."""
+    attends: bool = True
+    """Whether the layers after the sequence attend over it, so that keys and values can be
+    prepended to their attention (prefix tuning). ``False`` on a state-space model's token
+    sequence: soft tokens go in front of it, but there is no attention to extend."""
 
     kind = "sequence"
 

@@ -100,6 +100,7 @@ def _sequence(model: nn.Module, prefix: str, tower: str | None) -> SequenceSite 
         index=0,
         style="hf_text",
         embedding=embedding,
+        attends=False,  # a state-space stack: soft tokens go in front, prefixes have nowhere
     )
 
 
@@ -155,7 +156,7 @@ class MambaMap:
             "ssf": ("ssm.in", "ssm.x?", "ssm.out?"),
             "ia3": ("ssm.x?", "ssm.out?"),
             "bitfit": ("ssm.in?", "ssm.x?", "ssm.out?", "norm?", "ssm.dt?", "ssm.conv?"),
-            "ln_tuning": ("norm",),
+            "ln_tuning": ("norm?",),  # Mamba2's gated mixer.norm is refused, the rest kept
             "trainable_tokens": ("embed",),  # the token table is named embeddings here
             # X-LoRA's classifier reads the hidden state: only in_proj takes it as input
             "xlora": ("ssm.in",),
@@ -268,5 +269,34 @@ def _mamba_run(model: nn.Module, inputs: dict[str, Any]) -> list[Tensor]:
 MAMBA_TINY = TinyBackbone("mamba", "ssm", _tiny_mamba, _token_inputs, _mamba_run)
 """A two-block Mamba of width 16 (inner width 32, state size 4) on six-token sequences."""
 
+
+def _tiny_mamba2() -> nn.Module:
+    from transformers import Mamba2Config, Mamba2Model
+
+    return Mamba2Model(
+        Mamba2Config(
+            hidden_size=16,
+            state_size=4,
+            num_hidden_layers=2,
+            vocab_size=100,
+            expand=2,
+            head_dim=8,
+            num_heads=4,
+            n_groups=1,
+            conv_kernel=3,
+            chunk_size=4,  # the six-token inputs span two chunks of the chunked scan
+            use_cache=False,
+            residual_in_fp32=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
+
+
+MAMBA2_TINY = TinyBackbone("mamba2", "ssm", _tiny_mamba2, _token_inputs, _mamba_run)
+"""A two-block Mamba2 of width 16 (inner width 32, 4 heads of 8, state size 4, chunks of 4
+tokens) on six-token sequences."""
+
 SSM_MAPS = (MAMBA_MAP,)
-SSM_TINY = (MAMBA_TINY,)
+SSM_TINY = (MAMBA_TINY, MAMBA2_TINY)

@@ -56,6 +56,14 @@ KNOWN_FAILURES: dict[tuple[str, ...], KnownFailure] = {
     ("vblora", "half_precision", "gru"): _RECURRENT_HALF,
     ("randlora", "merge_roundtrip", "gnn"): _GRAPH_SUMS,
     ("randlora", "composition", "gnn"): _GRAPH_SUMS,
+    ("vblora", "half_precision", "mamba2"): KnownFailure(
+        r"bfloat16 output differs from float32",
+        "numerical: Mamba2's in_proj also yields the time step, so this drawn VB-LoRA update "
+        "(one bank vector of length 1: every entry of the change alike) makes the time steps "
+        "large, and the chunked scan's exponentials of their bf16-rounded sums move the "
+        "output by more than 0.1 of its scale (docs/backbones.md, 'Known numerical failures')",
+        strict=False,
+    ),
     ("vblora", "merge_roundtrip", "mamba"): KnownFailure(
         r"merged vs unmerged output",
         "numerical: float32 rounding of the merged in_proj, carried through the selective "
@@ -88,12 +96,23 @@ def test_conformance(conformance_case: ConformanceCase, invariant: str) -> None:
         return
     try:
         check(method, backbone, invariant)  # type: ignore[arg-type]
-    except AssertionError as exc:
-        if not re.search(known.message, str(exc)):
+    except Exception as exc:  # hypothesis groups distinct failures of one test together
+        failures = _leaves(exc)
+        if not all(
+            isinstance(e, AssertionError) and re.search(known.message, str(e)) for e in failures
+        ):
             raise
         pytest.xfail(known.reason)
     if known.strict:
         pytest.fail(f"known failure no longer fails ({known.reason}): remove its entry")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside an exception group, however nested (``exc`` alone otherwise)."""
+    inner = getattr(exc, "exceptions", None)
+    if not isinstance(inner, tuple):
+        return [exc]
+    return [leaf for e in inner for leaf in _leaves(e)]
 
 
 def test_lifecycle(conformance_case: ConformanceCase) -> None:

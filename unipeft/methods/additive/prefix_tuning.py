@@ -261,6 +261,12 @@ def prefix_parameters(num_tokens: int, site: Site) -> int:
 def prefix_refusal(site: Site) -> str | None:
     """Why ``site`` cannot take a prefix, or None."""
     if isinstance(site, SequenceSite):
+        if not site.attends:
+            return (
+                f"{site.name!r} is the token sequence of a model without attention layers; "
+                "prefix tuning prepends keys and values to attention: use prompt_tuning "
+                "(soft tokens in front of the sequence) instead"
+            )
         if site.style != "hf_text":
             return (
                 f"{site.name!r} is a vision tower's token sequence; prefixes go into every "

@@ -31,12 +31,17 @@ others that keep a ``variance_epsilon`` or are named ``*RMSNorm``). Refused, wit
 any other module (projections, sublayers, blocks: ln_tuning has nothing to tune there),
 channels-first norms (timm's ``LayerNorm2d``), ``GroupNorm`` / batch norms (their
 normalisation is over other dimensions), norms without an affine weight
-(``elementwise_affine=False``), and RMS norms that add a bias (their formula is not known).
-Default targets: every norm a structure map lists (role ``norm``).
+(``elementwise_affine=False``), RMS norms that add a bias (their formula is not known), and
+gated norms whose forward takes a second input (Mamba2's ``MambaRMSNormGated``: the gate
+scales the input before it is normalised, and the delta sees the first input only).
+Default targets: every norm a structure map lists (role ``norm``) that it can tune; the
+others are left out (``norm?``), so a ConvNeXt's channels-first head norm or Mamba2's gated
+norms do not stop it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -102,12 +107,32 @@ def norm_spec(module: nn.Module) -> NormSpec | str:
         )
     if not isinstance(weight, nn.Parameter | Tensor) or weight.ndim == 0:
         return f"the {name} has no affine weight (elementwise_affine=False): nothing to tune"
+    extra = _more_inputs(module)
+    if extra:
+        return (
+            f"the {name}'s forward takes more than the features ({', '.join(extra)}: a gated "
+            "norm), which ln_tuning cannot see when it recomputes the normalisation; tune "
+            "its output with ssf, or its weight with bitfit-style methods, instead"
+        )
     if is_layer:
         return NormSpec("layer", float(module.eps), tuple(weight.shape), bias is not None)
     if bias is not None:
         return f"the {name} is an RMS norm with a bias, whose formula ln_tuning does not know"
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     return NormSpec("rms", None if eps is None else float(eps), tuple(weight.shape), False)
+
+
+def _more_inputs(module: nn.Module) -> list[str]:
+    """The forward's parameters after the first (the features), for modules of classes of
+    their own (a gate that scales the input before normalising: Mamba2's gated RMSNorm)."""
+    if type(module).forward in (nn.LayerNorm.forward, getattr(nn, "RMSNorm", nn.LayerNorm).forward):
+        return []
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return []
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in plain]
 
 
 class LnTuningDelta(SelectiveDelta):
@@ -185,7 +210,8 @@ METHOD = Method(
     id="ln_tuning",
     refuses=(
         "modules other than affine LayerNorm / RMSNorm (GroupNorm, batch norms, channels-"
-        "first norms, norms without a weight, RMS norms with a bias)"
+        "first norms, norms without a weight, RMS norms with a bias, gated norms whose "
+        "forward takes a second input)"
     ),
     family="selective",
     config=LnTuningConfig,
@@ -193,7 +219,7 @@ METHOD = Method(
     num_parameters=_count,
     formula="2 · d per LayerNorm (weight and bias), d per norm without a bias (RMSNorm)",
     site_kinds=("module",),
-    default_targets=("norm",),
+    default_targets=("norm?",),  # every norm it can tune; the others are left out
     mergeable=True,
     identity_at_init=True,
     paper="Zhao et al., Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM "
