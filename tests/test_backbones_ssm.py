@@ -12,6 +12,7 @@ from _matrix import role_sites
 from torch import nn
 
 import unipeft
+from unipeft import DeltaModel
 from unipeft.contract.errors import TargetError
 from unipeft.contract.sites import ModuleSite
 from unipeft.maps.ssm import MAMBA_MAP, mixer_calls
@@ -19,6 +20,22 @@ from unipeft.testing.backbones import BACKBONES
 
 transformers = pytest.importorskip("transformers")
 MAMBA = BACKBONES["mamba"]
+
+
+def _lora_matches_hand_update(backbone: nn.Module, layer: int, role: str, rel: str) -> DeltaModel:
+    """LoRA (r=2, alpha=4: scale 2) on ``role`` of block ``layer`` equals the same Mamba
+    with ``W + 2 * B @ A`` written into the mixer's ``rel`` weight by hand."""
+    model = unipeft.apply(backbone, "lora", r=2, alpha=4, targets=[f"{role}[{layer}]"])
+    delta = model.adapters["default"].delta_at(f"layers.{layer}:{role}")
+    for p in delta.parameters():
+        nn.init.normal_(p, std=0.3)
+    reference = MAMBA.make()
+    with torch.no_grad():
+        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
+        reference.layers[layer].mixer.get_submodule(rel).weight += 2.0 * b @ a
+        x = MAMBA.sample(0)
+        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+    return model
 
 
 def test_tiny_mamba_roles_and_widths() -> None:
@@ -223,16 +240,7 @@ def test_under_the_fused_cuda_kernel_the_mixer_hosts_every_weight_it_reads(monke
     assert hosted == {"ssm.x", "ssm.out", "ssm.dt", "ssm.conv"}
     assert {s.role for s in sites if isinstance(s, ModuleSite) and s.role == "ssm.in"}
     assert all(s.host is None for s in sites if s.role == "ssm.in")
-    x = MAMBA.sample(0)
-    model = unipeft.apply(MAMBA.make(), "lora", r=2, alpha=2, targets=["ssm.x[0]"])
-    delta = model.adapters["default"].delta_at("layers.0:ssm.x")
-    for p in delta.parameters():
-        nn.init.normal_(p, std=0.3)
-    reference = MAMBA.make()
-    with torch.no_grad():
-        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
-        reference.layers[0].mixer.x_proj.weight += b @ a
-        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+    _lora_matches_hand_update(MAMBA.make(), 0, "ssm.x", "x_proj")
 
 
 def test_default_targets_come_from_the_map() -> None:
@@ -279,16 +287,7 @@ def test_methods_train_and_merge_on_mamba(method: str, config: dict) -> None:
 def test_lora_on_in_proj_matches_a_plain_low_rank_update() -> None:
     """The adapted mixer equals the same Mamba with ``W + scale * B @ A`` written into
     ``in_proj`` by hand."""
-    x = MAMBA.sample(0)
-    model = unipeft.apply(MAMBA.make(), "lora", r=2, alpha=4, targets=["ssm.in[0]"])
-    delta = model.adapters["default"].delta_at("layers.0:ssm.in")
-    for p in delta.parameters():
-        nn.init.normal_(p, std=0.3)
-    reference = MAMBA.make()
-    with torch.no_grad():
-        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
-        reference.layers[0].mixer.in_proj.weight += 2.0 * b @ a
-        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+    _lora_matches_hand_update(MAMBA.make(), 0, "ssm.in", "in_proj")
 
 
 def test_prompt_tuning_prepends_tokens_and_saves(tmp_path: Path) -> None:
@@ -341,19 +340,10 @@ def test_lora_on_dt_proj_matches_a_hand_written_low_rank_update() -> None:
     """The mixer reads ``dt_proj.weight`` itself: the adapted model equals the same Mamba
     with ``W + scale * B @ A`` written into that weight, and the backbone's own parameters
     and the order of its state dict are untouched by the forward pass."""
-    x = MAMBA.sample(0)
     backbone = MAMBA.make()
     keys = list(backbone.state_dict())
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    model = unipeft.apply(backbone, "lora", r=2, alpha=4, targets=["ssm.dt[1]"])
-    delta = model.adapters["default"].delta_at("layers.1:ssm.dt")
-    for p in delta.parameters():
-        nn.init.normal_(p, std=0.3)
-    reference = MAMBA.make()
-    with torch.no_grad():
-        a, b = (p for n, p in sorted(delta.named_parameters()))  # lora_A, lora_B
-        reference.layers[1].mixer.dt_proj.weight += 2.0 * b @ a
-        torch.testing.assert_close(MAMBA.run(model, x), MAMBA.run(reference, x))
+    model = _lora_matches_hand_update(backbone, 1, "ssm.dt", "dt_proj")
     assert list(backbone.state_dict()) == keys
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in before.items())
     assert isinstance(backbone.layers[1].mixer.dt_proj.weight, nn.Parameter)

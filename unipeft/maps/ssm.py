@@ -237,25 +237,25 @@ def _inner_sites(mixer_site: ModuleSite, fused: bool) -> list[Site]:
 MAMBA_MAP = MambaMap()
 
 
+_TINY = dict(
+    hidden_size=16,
+    state_size=4,
+    num_hidden_layers=2,
+    vocab_size=100,  # the token ids trainable_tokens draws stay below it
+    expand=2,
+    conv_kernel=3,
+    use_cache=False,
+    residual_in_fp32=False,  # outputs in the dtype of the weights
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+
 def _tiny_mamba() -> nn.Module:
     from transformers import MambaConfig, MambaModel
 
-    return MambaModel(
-        MambaConfig(
-            hidden_size=16,
-            state_size=4,
-            num_hidden_layers=2,
-            vocab_size=100,  # the token ids trainable_tokens draws stay below it
-            expand=2,
-            conv_kernel=3,
-            time_step_rank=4,
-            use_cache=False,
-            residual_in_fp32=False,  # outputs in the dtype of the weights
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    )
+    return MambaModel(MambaConfig(**_TINY, time_step_rank=4))
 
 
 def _token_inputs(gen: torch.Generator) -> dict[str, Any]:
@@ -273,25 +273,9 @@ MAMBA_TINY = TinyBackbone("mamba", "ssm", _tiny_mamba, _token_inputs, _mamba_run
 def _tiny_mamba2() -> nn.Module:
     from transformers import Mamba2Config, Mamba2Model
 
-    return Mamba2Model(
-        Mamba2Config(
-            hidden_size=16,
-            state_size=4,
-            num_hidden_layers=2,
-            vocab_size=100,
-            expand=2,
-            head_dim=8,
-            num_heads=4,
-            n_groups=1,
-            conv_kernel=3,
-            chunk_size=4,  # the six-token inputs span two chunks of the chunked scan
-            use_cache=False,
-            residual_in_fp32=False,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    )
+    # four heads of 8 over the inner width 32; chunks of 4 tokens, so that the six-token
+    # inputs span two chunks of the chunked scan
+    return Mamba2Model(Mamba2Config(**_TINY, head_dim=8, num_heads=4, n_groups=1, chunk_size=4))
 
 
 MAMBA2_TINY = TinyBackbone("mamba2", "ssm", _tiny_mamba2, _token_inputs, _mamba_run)
