@@ -60,6 +60,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
         ("gru", "dora", {"r": 4}),
         ("mamba", "lora", {"r": 2, "targets": ["ssm.in", "ssm.dt", "ssm.out"]}),
         ("mamba", "ssf", {"targets": ["ssm.conv", "ssm.in"]}),
+        ("mamba2", "ssf", {"targets": ["ssm.conv", "ssm.in"]}),
         ("resnet", "lora", {"r": 4}),
         ("convnext", "ssf", {}),
         ("gnn", "lora", {"r": 4}),
