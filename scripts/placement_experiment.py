@@ -24,7 +24,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import unipeft
-from unipeft.analysis import place, score_sites
+from unipeft.analysis import SCORES, place, score_sites
 from unipeft.demo import TEXT_BUDGET
 from unipeft.demo.runner import run_recipes
 from unipeft.demo.text import build_task, recipes
@@ -39,7 +39,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda")
-    ap.add_argument("--score", default="taylor", choices=("taylor", "fisher", "grad_norm"))
+    ap.add_argument("--score", default="taylor", choices=SCORES)
+    ap.add_argument("--by", default="site", choices=("site", "role"), help="choose sites or roles")
+    ap.add_argument("--probe-steps", type=int, default=32, help="with --score probe")
+    ap.add_argument("--probe-lr", type=float, default=1e-3, help="with --score probe")
     ap.add_argument(
         "--select",
         action="store_true",
@@ -66,8 +69,11 @@ def main() -> None:
         scores = score_sites(
             clf.encoder, calib, lambda _e, b, clf=clf: cross_entropy(clf(**b[0]), b[1]), rank=r,
             targets=["attn.q", "attn.k", "attn.v", "attn.out", "mlp.up", "mlp.down"],
+            probe_steps=args.probe_steps if args.score == "probe" else 0, probe_lr=args.probe_lr,
         )  # fmt: skip
-        placement = place(clf.encoder, scores, "lora", args.budget, score=args.score, r=r)
+        placement = place(
+            clf.encoder, scores, "lora", args.budget, score=args.score, by=args.by, r=r
+        )
         scoring_s = time.perf_counter() - began
         runs = [
             ("default (q, v)", replace(lora, name="lora default", targets=None, config={"r": r})),
@@ -110,6 +116,10 @@ def main() -> None:
         "quick": args.quick,
         "calibration_batches": args.calibration,
         "score": args.score,
+        "by": args.by,
+        "probe": (
+            {"steps": args.probe_steps, "lr": args.probe_lr} if args.score == "probe" else None
+        ),
         "select": args.select,
         "recipe": {"lr": lora.lr, "epochs": lora.epochs},
         "threads": torch.get_num_threads(),

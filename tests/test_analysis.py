@@ -18,6 +18,7 @@ from unipeft.analysis import (
     scores_table,
     subspace_overlap,
 )
+from unipeft.analysis.sensitivity import DEFAULT_TARGETS
 from unipeft.analysis.spectrum import adapter_spectra
 from unipeft.contract.errors import ConfigError
 from unipeft.testing.backbones import BACKBONES
@@ -221,6 +222,20 @@ def test_analyze_command_writes_scores_placement_and_heatmap(tmp_path) -> None: 
     assert not (tmp_path / "out").exists()  # analysis writes no run folder
     bad = runner.invoke(app, ["analyze", str(tmp_path / "run.yaml"), "--score", "x"])
     assert bad.exit_code == 2 and "score 'x' is not one of" in bad.output
+    probed = runner.invoke(
+        app,
+        [
+            "analyze", str(tmp_path / "run.yaml"), "--batches", "2", "--score", "probe",
+            "--by", "role", "--probe-steps", "2", "--output", str(tmp_path / "p"),
+        ],
+    )  # fmt: skip
+    assert probed.exit_code == 0, probed.output
+    data = json.loads((tmp_path / "p" / "analysis.json").read_text())
+    assert data["calibration"] | {"by": "role", "probe_steps": 2} == data["calibration"]
+    assert all(row["probe"] > 0 for row in data["scores"])
+    assert all(t.endswith("[0,1]") for t in data["placement"]["targets"])  # whole roles
+    assert data["placement"]["by"] == "role" and data["placement"]["score"] == "probe"
+    assert (tmp_path / "p" / "heatmap-probe.png").stat().st_size > 1000
 
 
 def test_auto_targets_place_the_method_inside_apply(tmp_path: Path) -> None:
@@ -250,3 +265,88 @@ def test_auto_as_a_string_is_refused_with_the_way_to_ask_for_it() -> None:
         unipeft.apply(bb.make(), "lora", targets="auto")
     with pytest.raises(ConfigError, match="no site fits a budget"):
         unipeft.apply(bb.make(), "lora", targets=Auto([bb.sample(0)], _loss(bb), budget=1e-7))
+
+
+def test_the_probe_score_is_a_trained_loras_sensitivity_and_leaves_no_trace() -> None:
+    """``probe`` equals AdaLoRA's sensitivity ``Σ|θ·∂L/∂θ|`` of a LoRA trained by hand with
+    the same steps, averaged over the batches; the backbone, its flags, gradients and hooks
+    and the global random state are as they were."""
+    bb = BACKBONES["llama"]
+    model = bb.make()
+    batches = [bb.sample(seed=i) for i in range(3)]
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    rng = torch.random.get_rng_state()
+    scores = score_sites(model, batches, _loss(bb), rank=2, probe_steps=4, probe_lr=1e-2)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+        assert p.grad is None, n
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+    torch.manual_seed(0)
+    hand = unipeft.apply(bb.make(), "lora", r=2, alpha=2, targets=list(DEFAULT_TARGETS))
+    hand.eval()
+    per_site = {
+        a.site.name: list(a.delta.parameters()) for a in hand.adapters["default"].attachments
+    }
+    opt = torch.optim.Adam([p for ps in per_site.values() for p in ps], lr=1e-2)
+    for batch in [*batches, batches[0]]:  # 4 steps over the 3 batches, cycled
+        opt.zero_grad()
+        _loss(bb)(hand, batch).backward()
+        opt.step()
+    want = dict.fromkeys(per_site, 0.0)
+    for batch in batches:
+        opt.zero_grad()
+        _loss(bb)(hand, batch).backward()
+        for name, ps in per_site.items():
+            want[name] += sum(float((p.detach() * p.grad).abs().sum()) for p in ps) / len(batches)
+    assert {s.name for s in scores} == set(want)
+    for s in scores:
+        assert s.probe == pytest.approx(want[s.name], rel=1e-5), s.name
+        assert s.probe > 0
+    assert len({round(s.probe / s.taylor, 6) for s in scores}) > 1  # not the taylor order
+    assert [r["probe_rank"] for r in scores_table(scores)]
+    plain = score_sites(model, batches, _loss(bb), rank=2)
+    assert plain[0].probe is None
+    with pytest.raises(ConfigError, match="given probe_steps"):
+        place(model, plain, "lora", 0.05, score="probe", r=2)
+    with pytest.raises(ConfigError, match="probe_steps=-1"):
+        score_sites(model, batches, _loss(bb), probe_steps=-1)
+
+
+def test_placement_by_role_takes_whole_roles_best_per_parameter_first() -> None:
+    bb = BACKBONES["llama"]
+    model = bb.make()
+    scores = score_sites(model, [bb.sample(seed=i) for i in range(2)], _loss(bb), rank=2)
+    layers = sorted({s.layer for s in scores})
+    placed = place(model, scores, "lora", 0.03, by="role", r=2)
+    assert placed.parameters <= 0.03 * placed.total
+    roles: dict[str, list[float]] = {}
+    cost: dict[str, int] = {}
+    for s in scores:
+        roles.setdefault(s.role, []).append(s.taylor)
+        cost[s.role] = cost.get(s.role, 0) + 2 * (s.in_features + s.out_features)
+    chosen = {s.role for s in scores if s.name in placed.sites}
+    assert placed.targets == [
+        f"{role}[{','.join(map(str, layers))}]" for role in dict.fromkeys(roles) if role in chosen
+    ]
+    assert placed.parameters == sum(cost[r] for r in chosen)
+    best = max(roles, key=lambda r: sum(roles[r]) / cost[r])
+    assert best in chosen
+    left = 0.03 * placed.total - placed.parameters
+    assert all(cost[r] > left for r in roles if r not in chosen)  # nothing else still fits
+    adapted = unipeft.apply(bb.make(), "lora", r=2, targets=placed.targets)
+    assert sorted(s.name for s in adapted.adapters["default"].sites) == sorted(placed.sites)
+    with pytest.raises(ConfigError, match="by='layer'"):
+        place(model, scores, "lora", 0.03, by="layer", r=2)
+
+
+def test_auto_with_the_probe_score_by_role() -> None:
+    bb = BACKBONES["llama"]
+    batches = [bb.sample(seed=i) for i in range(2)]
+    rule = Auto(batches, _loss(bb), budget=0.03, score="probe", by="role", probe_steps=3)
+    model = unipeft.apply(bb.make(), "lora", targets=rule, r=2)
+    scores = score_sites(bb.make(), batches, _loss(bb), rank=2, probe_steps=3)
+    placed = place(bb.make(), scores, "lora", 0.03, score="probe", by="role", r=2)
+    assert list(model.adapters["default"].targets) == placed.targets
+    assert model.num_trainable_parameters() == placed.parameters

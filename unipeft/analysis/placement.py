@@ -21,7 +21,9 @@ from ..runtime.checks import require_method_id
 from ..runtime.registry import registry
 from .sensitivity import LossFn, SiteScore, resolve_sites, score_sites
 
-__all__ = ["Auto", "Placement", "place"]
+__all__ = ["BY", "Auto", "Placement", "place"]
+
+BY = ("site", "role")  # what place() chooses: single sites, or whole roles
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Placement:
     total: int
     score: str
     skipped: list[str] = field(default_factory=list)
+    by: str = "site"
 
     @property
     def fraction(self) -> float:
@@ -49,45 +52,44 @@ def place(
     budget: float | str,
     *,
     score: str = "taylor",
+    by: str = "site",
     **config: Any,
 ) -> Placement:
     """Sites for ``method`` (with ``config``) chosen by ``score`` under ``budget`` (a
     fraction of ``model``'s parameters, ``0.005`` or ``"0.5%"``): the highest score per
-    parameter first, every site that still fits. Raises :class:`ConfigError` when not even
-    one site fits."""
+    parameter first, every candidate that still fits. ``by="site"`` chooses sites one by
+    one; ``by="role"`` chooses whole roles (a role's sites in every scored layer, its score
+    and cost their sums), the way conventions place methods. Raises :class:`ConfigError`
+    when not even one candidate fits."""
+    require_by(by)
     fraction = parse_budget(budget)
     reg = registry()
     spec = reg.method(require_method_id(method))
     cfg = spec.config.parse(spec.id, config)
     total = sum(p.numel() for p in model.parameters())
-    names = [s.name for s in scores]
     by_name = {s.name: s for s in resolve_sites(model, _role_targets(scores))}
     limit = fraction * total
-
-    def per_parameter(s: SiteScore) -> float:
-        return s.score(score) / max(1, _cost(spec, cfg, by_name[s.name]))
-
-    ranked = sorted(scores, key=per_parameter, reverse=True)
+    skipped = [s.name for s in scores if spec.size_refusal(cfg, by_name[s.name]) is not None]
+    groups: dict[Any, list[SiteScore]] = {}
+    for s in scores:
+        if s.name not in skipped:
+            groups.setdefault(s.name if by == "site" else (s.tower, s.role), []).append(s)
+    costs = {k: sum(_cost(spec, cfg, by_name[s.name]) for s in g) for k, g in groups.items()}
+    value = {k: sum(s.score(score) for s in g) / max(1, costs[k]) for k, g in groups.items()}
     chosen: list[SiteScore] = []
     spent = 0
-    skipped = []
-    for s in ranked:
-        site = by_name[s.name]
-        if spec.size_refusal(cfg, site) is not None:
-            skipped.append(s.name)
-            continue
-        cost = _cost(spec, cfg, site)
-        if spent + cost <= limit:
-            chosen.append(s)
-            spent += cost
+    for key in sorted(groups, key=value.__getitem__, reverse=True):
+        if spent + costs[key] <= limit:
+            chosen.extend(groups[key])
+            spent += costs[key]
     if not chosen:
-        cheapest = min(_cost(spec, cfg, by_name[n]) for n in names)
+        cheapest = min(costs.values(), default=0)
         raise ConfigError(
-            f"no site fits a budget of {100 * fraction:.4g}% of {total} parameters with "
-            f"{spec.id} {config or '(defaults)'}: the cheapest site needs {cheapest} "
+            f"no {by} fits a budget of {100 * fraction:.4g}% of {total} parameters with "
+            f"{spec.id} {config or '(defaults)'}: the cheapest {by} needs {cheapest} "
             f"({100 * cheapest / total:.4g}%). Raise the budget or lower the method's size."
         )
-    order = {n: i for i, n in enumerate(names)}
+    order = {s.name: i for i, s in enumerate(scores)}
     chosen.sort(key=lambda s: order[s.name])
     return Placement(
         method=spec.id,
@@ -98,6 +100,7 @@ def place(
         total=total,
         score=score,
         skipped=skipped,
+        by=by,
     )
 
 
@@ -107,9 +110,11 @@ class Auto:
     budget=0.005))`` scores the sites ``candidates`` reach (the attention and MLP
     projections by default) on ``batches`` with ``loss_fn(model, batch)`` (the scalar loss;
     ``model`` is the backbone as it runs now), and attaches the method where :func:`place`
-    puts it under ``budget``. ``score`` picks the score; ``rank`` the rank of the update it
-    scores (default: the method's size field, LoRA's ``r``, else 8). The adapter records
-    the resolved role targets, so a saved adapter loads without the batches."""
+    puts it under ``budget``. ``score`` picks the score (``"probe"`` trains a probe LoRA
+    for ``probe_steps`` steps at ``probe_lr`` first); ``by`` chooses sites or whole roles;
+    ``rank`` is the rank of the update it scores (default: the method's size field, LoRA's
+    ``r``, else 8). The adapter records the resolved role targets, so a saved adapter loads
+    without the batches."""
 
     batches: Iterable[Any]
     loss_fn: LossFn
@@ -117,16 +122,29 @@ class Auto:
     score: str = "taylor"
     candidates: Sequence[str] | None = None
     rank: int | None = None
+    by: str = "site"
+    probe_steps: int = 32
+    probe_lr: float = 1e-3
 
     def targets_for(self, model: nn.Module, method: str, config: Mapping[str, Any]) -> list[str]:
+        require_by(self.by)
         spec = registry().method(require_method_id(method))
         cfg = spec.config.parse(spec.id, dict(config))
         rank = self.rank
         if rank is None:
             size = getattr(cfg, spec.budget_field, None) if spec.budget_field else None
             rank = size if isinstance(size, int) and size > 0 else 8
-        scores = score_sites(model, self.batches, self.loss_fn, targets=self.candidates, rank=rank)
-        return place(model, scores, spec.id, self.budget, score=self.score, **config).targets
+        scores = score_sites(
+            model, self.batches, self.loss_fn, targets=self.candidates, rank=rank,
+            probe_steps=self.probe_steps if self.score == "probe" else 0, probe_lr=self.probe_lr,
+        )  # fmt: skip
+        placed = place(model, scores, spec.id, self.budget, score=self.score, by=self.by, **config)
+        return placed.targets
+
+
+def require_by(by: str) -> None:
+    if by not in BY:
+        raise ConfigError(f"by={by!r}: place by 'site' (each site) or 'role' (whole roles)")
 
 
 def _cost(spec: Any, cfg: Any, site: Any) -> int:

@@ -21,7 +21,7 @@ from ..contract.errors import ConfigError
 from ..training.data import read_examples
 from ..training.spec import RunConfig
 from ..training.task import TextClassifier, build_backbone, classification_loss, label_ids
-from .placement import Placement, place
+from .placement import Placement, place, require_by
 from .sensitivity import SCORES, SiteScore, score_sites, scores_table
 
 __all__ = ["AnalysisResult", "analyze_run", "heatmap"]
@@ -57,11 +57,15 @@ def analyze_run(
     score: str = "taylor",
     budget: float | str | None = None,
     targets: list[str] | None = None,
+    by: str = "site",
+    probe_steps: int = 32,
+    probe_lr: float = 1e-3,
 ) -> AnalysisResult:
     if batches < 1:
         raise ConfigError(f"batches={batches}: score on at least one calibration batch")
     if score not in SCORES:
         raise ConfigError(f"score {score!r} is not one of {', '.join(SCORES)}")
+    require_by(by)
     spec = cfg.data
     rows = read_examples(spec.path, spec.text_column, spec.label_column)
     labels = label_ids([label for _, label, _ in rows])
@@ -87,11 +91,11 @@ def analyze_run(
     r = rank if rank is not None else int(cfg.config.get("r", 8))
     scores = score_sites(
         backbone, calib, lambda _bb, batch: classification_loss(clf, batch), rank=r,
-        targets=targets,
+        targets=targets, probe_steps=probe_steps if score == "probe" else 0, probe_lr=probe_lr,
     )  # fmt: skip
     chosen = place(
         backbone, scores, cfg.method, budget if budget is not None else (cfg.budget or "0.5%"),
-        score=score, **cfg.config,
+        score=score, by=by, **cfg.config,
     )  # fmt: skip
     info = {
         "model": cfg.model,
@@ -102,6 +106,8 @@ def analyze_run(
         "seed": cfg.trainer.seed,
         "rank": r,
         "score": score,
+        "by": by,
+        **({"probe_steps": probe_steps, "probe_lr": probe_lr} if score == "probe" else {}),
     }
     return AnalysisResult(scores, chosen, info)
 

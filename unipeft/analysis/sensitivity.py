@@ -12,7 +12,10 @@ a fused projection only), one ``G_b`` per calibration batch and ``Ḡ`` their me
   batches pull in different directions still scores);
 - ``taylor = (Σ_{i≤r} σ_i(Ḡ)²)^½``: the first-order loss change that the best *rank-r*
   update of unit norm at the site can make (the top ``r`` singular values of ``Ḡ``): what
-  a LoRA of rank ``r`` can reach there, to first order.
+  a LoRA of rank ``r`` can reach there, to first order;
+- ``probe`` (only with ``probe_steps``): how much a rank-``r`` LoRA *trained* for a few
+  steps at the site matters, AdaLoRA's sensitivity ``Σ |θ · ∂L/∂θ|`` over its parameters
+  (:mod:`.probe`): a score past initialisation.
 
 Where the module returns the projection's own output, ``G`` is read through hooks on it
 (``dY`` from the output's gradient, ``x`` from its input). Elsewhere ``G`` is the gradient of
@@ -39,10 +42,11 @@ from ..contract.errors import ConfigError
 from ..contract.sites import ModuleSite
 from ..runtime.registry import registry
 from ..runtime.targets import resolve_targets
+from .probe import probe_importance
 
 __all__ = ["SCORES", "SiteScore", "score_sites"]
 
-SCORES = ("taylor", "fisher", "grad_norm")
+SCORES = ("taylor", "fisher", "grad_norm", "probe")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -61,11 +65,18 @@ class SiteScore:
     fisher: float
     taylor: float
     rank: int
+    probe: float | None = None
 
     def score(self, which: str) -> float:
         if which not in SCORES:
             raise ConfigError(f"score {which!r} is not one of {', '.join(SCORES)}")
-        return float(getattr(self, which))
+        value = getattr(self, which)
+        if value is None:
+            raise ConfigError(
+                f"site {self.name!r} has no {which} score: score_sites computes it only when "
+                "given probe_steps (the steps a probe LoRA trains before it is measured)"
+            )
+        return float(value)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +94,8 @@ def score_sites(
     *,
     targets: Iterable[str] | None = None,
     rank: int = 8,
+    probe_steps: int = 0,
+    probe_lr: float = 1e-3,
 ) -> list[SiteScore]:
     """Score every projection site ``targets`` reach (default: the attention and MLP
     projections the structure map names) on ``batches``: ``loss_fn(model, batch)`` returns
@@ -149,6 +162,12 @@ def score_sites(
         model.train(was_training)
     if n == 0:
         raise ConfigError("batches is empty: pass at least one calibration batch")
+    probed: dict[str, float] = {}
+    if probe_steps:
+        wanted = list(targets) if targets is not None else list(DEFAULT_TARGETS)
+        probed = probe_importance(
+            model, batches, loss_fn, wanted, rank=rank, steps=probe_steps, lr=probe_lr
+        )
     out = []
     for s in sites:
         total = sums.get(s.name)
@@ -169,6 +188,7 @@ def score_sites(
                 fisher=fisher[s.name] / n,
                 taylor=float(sv[:rank].square().sum().sqrt()),
                 rank=rank,
+                probe=probed.get(s.name) if probe_steps else None,
             )
         )
     return out
@@ -260,6 +280,8 @@ def scores_table(scores: list[SiteScore]) -> list[Mapping[str, Any]]:
     """Plain rows for printing or JSON, each site with its rank in every score."""
     rows = [s.as_dict() for s in scores]
     for which in SCORES:
+        if which == "probe" and any(s.probe is None for s in scores):
+            continue
         order = sorted(range(len(scores)), key=lambda i: -scores[i].score(which))
         for place, i in enumerate(order):
             rows[i][f"{which}_rank"] = place + 1

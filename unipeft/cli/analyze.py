@@ -22,7 +22,14 @@ def register(app: typer.Typer) -> None:
     def analyze(
         config: Annotated[Path, typer.Argument(help="a unipeft train run configuration (YAML)")],
         batches: Annotated[int, typer.Option(min=1, help="calibration batches")] = 8,
-        score: Annotated[str, typer.Option(help="taylor, fisher or grad_norm")] = "taylor",
+        score: Annotated[
+            str, typer.Option(help="taylor, fisher, grad_norm, or probe (a trained probe LoRA)")
+        ] = "taylor",
+        by: Annotated[str, typer.Option(help="place by site, or by role (whole roles)")] = "site",
+        probe_steps: Annotated[
+            int, typer.Option(min=1, help="steps the probe LoRA trains (--score probe)")
+        ] = 32,
+        probe_lr: Annotated[float, typer.Option(help="the probe's Adam learning rate")] = 1e-3,
         budget: Annotated[
             str | None, typer.Option(help="e.g. 0.5%; default: the YAML's budget, else 0.5%")
         ] = None,
@@ -40,17 +47,19 @@ def register(app: typer.Typer) -> None:
 
         with cli_errors():
             cfg = load_run_config(config)
-            result = analyze_run(cfg, batches=batches, rank=rank, score=score, budget=budget)
+            result = analyze_run(
+                cfg, batches=batches, rank=rank, score=score, budget=budget, by=by,
+                probe_steps=probe_steps, probe_lr=probe_lr,
+            )  # fmt: skip
             written = result.write(output, score) if output is not None else []
         out = Console()
         table = Table(title=f"{score} per site ({result.calibration['examples']} examples)")
-        for col in ("site", "taylor", "fisher", "grad_norm", f"{score} rank"):
+        shown = ["taylor", "fisher", "grad_norm"] + (["probe"] if score == "probe" else [])
+        for col in ("site", *shown, f"{score} rank"):
             table.add_column(col, justify="left" if col == "site" else "right")
         ranked = sorted(result.scores, key=lambda s: -s.score(score))
         for i, s in enumerate(ranked[:top]):
-            table.add_row(
-                s.name, f"{s.taylor:.3g}", f"{s.fisher:.3g}", f"{s.grad_norm:.3g}", str(i + 1)
-            )
+            table.add_row(s.name, *(f"{s.score(c):.3g}" for c in shown), str(i + 1))
         out.print(table)
         p = result.placement
         out.print(
