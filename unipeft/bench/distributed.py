@@ -225,7 +225,7 @@ def _in_process(cfg: BenchConfig, launch: Launch, rows: list[dict[str, Any]]) ->
         "length": cfg.length, "steps": cfg.steps, "warmup": cfg.warmup, "lr": cfg.lr,
         "seed": cfg.seed,
     }  # fmt: skip
-    specs = [RunSpec(library=lib, engine=eng, **common) for lib, eng in launch.runs]
+    specs = [RunSpec(adapted_with=lib, engine=eng, **common) for lib, eng in launch.runs]
     try:
         rows.extend(run_in_process(specs))
     except Exception:

@@ -53,9 +53,9 @@ class RunSpec:
     @property
     def adapts_with_unipeft(self) -> bool:
         """Whether this run adapts the model with unipeft (else with PEFT)."""
-        return self.library == LIBRARIES[0]
+        return self.adapted_with == LIBRARIES[0]
 
-    library: str  # unipeft | peft
+    adapted_with: str  # the library that adds the LoRA: unipeft | peft (rows: 'library')
     engine: str  # single | ddp | fsdp2
     model: str  # a key of MODELS
     layers: int | None = None  # fewer decoder layers than the shape has
@@ -256,8 +256,10 @@ def train_run(spec: RunSpec, ctx: Context | None = None) -> dict[str, Any]:
         after = model(input_ids=batches[0], labels=batches[0]).loss.detach().float()
     mean_losses = _mean_over_ranks(torch.stack([*losses, after]), ctx).tolist()
     step_s = median(times[spec.warmup :])
+    fields = asdict(spec)
     row: dict[str, Any] = {
-        **asdict(spec),
+        "library": fields.pop("adapted_with"),
+        **fields,
         "world_size": ctx.world,
         "llama": spec.llama(),
         "parameters": parameters,
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for library, engine in runs:
             spec = RunSpec(
-                library=library, engine=engine, model=args.model, layers=args.layers,
+                adapted_with=library, engine=engine, model=args.model, layers=args.layers,
                 device=args.device, batch=args.batch, length=args.length, steps=args.steps,
                 warmup=args.warmup, lr=args.lr, seed=args.seed,
             )  # fmt: skip
